@@ -1,0 +1,129 @@
+"""The `sdlora` command: parses arguments, calls the library, prints. Exit 2 on bad input."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sdlora.errors import SdloraError
+
+
+def examples_root() -> Path:
+    """Where configs/ and datasets_examples/ live: inside an installed wheel or the checkout."""
+    packaged = Path(__file__).resolve().parent / "_examples"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 512x512, got {text!r}") from None
+    if w % 8 or h % 8 or w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(
+            f"width and height must be positive multiples of 8, got {text}"
+        )
+    return w, h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdlora", description="Train Stable Diffusion style LoRAs."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a LoRA from a TOML config")
+    p.add_argument("config", help="path to a TOML config (see configs/)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="override a config value"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("demo", help="train the built-in demo (example set + tiny model)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="override a config value"
+    )
+
+    p = sub.add_parser("generate", help="generate images with LoRAs applied")
+    p.add_argument(
+        "--base", required=True, help="base model: folder, .safetensors, hub id or tiny:sd1"
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="LoRA to apply (repeatable)",
+    )
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="")
+    p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--size", type=_size, default=None, metavar="WxH")
+    p.add_argument("--num", type=int, default=1)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SdloraError as e:
+        print(f"sdlora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sdlora: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args) -> int:
+    from sdlora.train import train
+
+    result = train(args.config, tuple(args.overrides), progress=not args.no_progress)
+    _print_result(result)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from sdlora.train import train
+
+    config = examples_root() / "configs" / "demo.toml"
+    out = Path(args.out).resolve()
+    result = train(config, (f"output.dir={out}", *args.overrides))
+    _print_result(result)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from sdlora.generate import LoraSpec, generate, save_images
+
+    loras = [LoraSpec.parse(text) for text in args.lora]
+    images = generate(
+        args.base,
+        loras,
+        prompt=args.prompt,
+        negative=args.negative,
+        steps=args.steps,
+        cfg=args.cfg,
+        seed=args.seed,
+        size=args.size,
+        num=args.num,
+    )
+    for path in save_images(images, args.out):
+        print(path)
+    return 0
+
+
+def _print_result(result) -> None:
+    print(f"LoRA:    {result.lora_path}")
+    print(f"samples: {result.run_dir / 'samples'}")
+    print(f"logs:    {result.run_dir / 'log.jsonl'} (TensorBoard: {result.run_dir / 'logs'})")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} file(s); see {result.run_dir / 'run.json'}")
+
+
+COMMANDS = {"train": cmd_train, "demo": cmd_demo, "generate": cmd_generate}

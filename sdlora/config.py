@@ -1,0 +1,329 @@
+"""The training run's configuration: frozen dataclasses loaded strictly from TOML.
+
+A config file has one table per section below. Unknown keys and values of the wrong type are
+rejected with the key named; `section.key=value` overrides (from the command line) are parsed
+as TOML values, falling back to a plain string. Relative paths in a file are relative to that
+file's folder; relative paths in overrides are relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from sdlora.errors import SdloraError
+
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw",)
+LR_SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "linear", "polynomial")
+UNET_TARGETS = ("attention", "attention+ff", "all-linear")
+SAVE_DTYPES = ("fp16", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base: str = "tiny:sd1"
+    """Base checkpoint: diffusers folder, single-file .safetensors, hub id or `tiny:<family>`."""
+    family: str | None = None
+    """Override the family recognised from the weights (sd1, sd2, sd2-v, sdxl); rarely needed."""
+
+    def __post_init__(self):
+        if not self.base:
+            raise SdloraError("model.base is empty: name a checkpoint folder, file or `tiny:sd1`")
+        _check_choice("model.family", self.family, FAMILIES, optional=True)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    path: str = ""
+    """Folder of training images, with optional `.txt` captions beside them."""
+    trigger: str = ""
+    """Trigger word put first in every caption that lacks it; written into the LoRA's metadata."""
+    caption_ext: str = ".txt"
+    """Extension of the caption sidecar files."""
+    caption_template: str = "{trigger}"
+    """Caption used for an image without a sidecar file; `{trigger}` is replaced."""
+    resolution: int = 512
+    """Training side length in pixels (images are resized and centre-cropped to it)."""
+    repeats: int = 1
+    """How many times each image appears per epoch."""
+
+    def __post_init__(self):
+        if not self.path:
+            raise SdloraError("dataset.path is empty: set it to the folder of training images")
+        if not self.trigger.strip():
+            raise SdloraError("dataset.trigger is empty: pick a rare word such as `zkstyle`")
+        if not self.caption_ext.startswith("."):
+            raise SdloraError(f"dataset.caption_ext must start with '.', got {self.caption_ext!r}")
+        if self.resolution < 64 or self.resolution % 64:
+            raise SdloraError(
+                f"dataset.resolution must be a multiple of 64, at least 64; got {self.resolution}"
+            )
+        _check_positive("dataset.repeats", self.repeats)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 16
+    """Rank of the low-rank update (sd-scripts' `network_dim`)."""
+    alpha: float = 16.0
+    """Scale numerator: the update is multiplied by alpha / rank (sd-scripts' `network_alpha`)."""
+    unet_targets: str = "attention"
+    """UNet modules to adapt: `attention` (q, k, v, out), `attention+ff`, `all-linear`."""
+    text_encoder: bool = True
+    """Also train a LoRA on the text encoder's attention (q, k, v, out projections)."""
+
+    def __post_init__(self):
+        _check_positive("lora.rank", self.rank)
+        _check_positive("lora.alpha", self.alpha)
+        _check_choice("lora.unet_targets", self.unet_targets, UNET_TARGETS)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    """Number of optimizer steps."""
+    batch_size: int = 1
+    """Images per step."""
+    lr: float = 1e-4
+    """Learning rate of the UNet LoRA."""
+    text_encoder_lr: float | None = None
+    """Learning rate of the text-encoder LoRA (defaults to `lr`)."""
+    optimizer: str = "adamw"
+    """Optimizer: `adamw`."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    lr_scheduler: str = "constant"
+    """constant, cosine, cosine_with_restarts, linear or polynomial."""
+    warmup_steps: int = 0
+    """Linear warm-up steps at the start of the schedule."""
+    grad_accum: int = 1
+    """Gradient accumulation steps per optimizer step."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this norm (0 turns clipping off)."""
+    mixed_precision: str = "no"
+    """`no`, `fp16` (CUDA only) or `bf16`."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu` or `cuda`."""
+    seed: int = 0
+    """Seed for LoRA initialisation, noise, timesteps and data order."""
+    log_every: int = 1
+    """Write the loss to the logs every N steps."""
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        _check_positive("train.lr", self.lr)
+        if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
+            raise SdloraError(f"train.text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
+        if self.warmup_steps < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise SdloraError("train.warmup_steps, max_grad_norm and weight_decay must be >= 0")
+        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
+        _check_choice("train.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/sdlora"
+    """Run folder: the LoRA, samples, logs and the resolved config are written here."""
+    name: str = "style"
+    """File name of the LoRA, without `.safetensors`."""
+    dtype: str = "fp16"
+    """Precision of the saved LoRA: fp16 (what sd-scripts writes), bf16 or fp32."""
+    overwrite: bool = False
+    """Allow replacing a LoRA of the same name already in `dir`."""
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name or "\\" in self.name:
+            raise SdloraError(f"output.name must be a plain file name, got {self.name!r}")
+        _check_choice("output.dtype", self.dtype, SAVE_DTYPES)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts: tuple[str, ...] = ("{trigger}",)
+    """Prompts for sample grids; `{trigger}` is replaced by the trigger word."""
+    every: int = 0
+    """Sample every N steps as well as at the start and the end (0: start and end only)."""
+    steps: int = 20
+    """Denoising steps per sample."""
+    cfg: float = 7.5
+    """Classifier-free guidance scale."""
+    seed: int = 0
+    """Seed of the sample noise, the same at every sampling so grids compare."""
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise SdloraError(f"sample.every must be >= 0, got {self.every}")
+        _check_positive("sample.steps", self.steps)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole training run: one field per TOML section."""
+
+    model: ModelConfig
+    dataset: DatasetConfig
+    lora: LoraConfig
+    train: TrainConfig
+    output: OutputConfig
+    sample: SampleConfig
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "dataset": DatasetConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "output": OutputConfig,
+    "sample": SampleConfig,
+}
+# Fields holding file-system paths: made absolute when the config is loaded.
+PATH_FIELDS = {("dataset", "path"), ("output", "dir")}
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Read a TOML config file (or start from defaults) and apply `section.key=value` overrides."""
+    raw: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SdloraError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise SdloraError(f"config file {path} is not valid TOML: {e}") from None
+        _absolutise(raw, path.resolve().parent)
+    for item in overrides:
+        section, key, value = parse_override(item)
+        single = {section: {key: value}}
+        _absolutise(single, Path.cwd())
+        if not isinstance(raw.get(section, {}), dict):
+            raise SdloraError(f"[{section}] in {path} must be a table of key = value pairs")
+        raw.setdefault(section, {})[key] = single[section][key]
+    config = config_from_dict(raw, source=str(path) if path else "defaults")
+    if not Path(config.output.dir).is_absolute():  # the default run folder: under the cwd
+        config = replace(config, output={"dir": str(Path.cwd() / config.output.dir)})
+    return config
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """Split `section.key=value`; the value is read as TOML (`3`, `true`, `["a"]`) or a string."""
+    name, sep, text = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise SdloraError(
+            f"override {item!r} must look like section.key=value (e.g. train.steps=500)"
+        )
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return section, key.strip(), value
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from nested dicts, rejecting unknown sections/keys and wrong types."""
+    sections = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise SdloraError(
+                f"unknown section [{section}] in {source}; known: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(values, dict):
+            raise SdloraError(f"[{section}] in {source} must be a table of key = value pairs")
+        cls = SECTIONS[section]
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise SdloraError(
+                    f"unknown key {section}.{key} in {source}; known: {', '.join(hints)}"
+                )
+            kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+        sections[section] = kwargs
+    if "dataset" not in sections or "path" not in sections["dataset"]:
+        raise SdloraError(f"{source} sets no dataset.path: point it at a folder of images")
+    return Config(**{name: cls(**sections.get(name, {})) for name, cls in SECTIONS.items()})
+
+
+def config_to_toml(config: Config) -> str:
+    """The resolved config as TOML text (what a run folder's config.toml holds)."""
+    lines = []
+    for section in SECTIONS:
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(getattr(config, section)):
+            value = getattr(getattr(config, section), f.name)
+            if value is not None:
+                lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def replace(config: Config, **changes: dict[str, Any]) -> Config:
+    """A copy of `config` with some fields changed: `replace(c, train={"steps": 3})`."""
+    sections = {}
+    for section, values in changes.items():
+        sections[section] = dataclasses.replace(getattr(config, section), **values)
+    return dataclasses.replace(config, **sections)
+
+
+def _absolutise(raw: dict, base: Path) -> None:
+    for section, key in PATH_FIELDS:
+        values = raw.get(section)
+        value = values.get(key) if isinstance(values, dict) else None
+        if isinstance(value, str) and value:
+            values[key] = str((base / Path(value).expanduser()).resolve())
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a field's type; ints are accepted for floats, lists for tuples."""
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = True, args[0]
+    if value is None and optional:
+        return None
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise SdloraError(f"{name} must be a list of strings, got {value!r}")
+        return tuple(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise SdloraError(f"{name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _check_positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise SdloraError(f"{name} must be > 0, got {value}")
+
+
+def _check_choice(name: str, value: str | None, choices: tuple[str, ...], optional=False) -> None:
+    if value is None and optional:
+        return
+    if value not in choices:
+        raise SdloraError(f"{name} must be one of {', '.join(choices)}; got {value!r}")

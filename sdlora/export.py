@@ -1,0 +1,182 @@
+"""LoRA files: the kohya/Civitai format sd-scripts writes, its metadata and hashes.
+
+A kohya module name is `prefix + "_" + module_path.replace(".", "_")`; every module has
+`.lora_down.weight` [rank, in], `.lora_up.weight` [out, rank] and a 0-dim float `.alpha`.
+SD 1.x/2.x files use diffusers-layout UNet names; SDXL files use the SAI (LDM) block names,
+as sd-scripts writes them. Text-encoder names keep the `text_model_` level that
+transformers 5 dropped from `CLIPTextModel`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from sdlora.families import FAMILIES
+from sdlora.lora import Lora
+
+KOHYA_PREFIXES = {
+    "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
+    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
+}
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MAX_TAGS_PER_DIR = 500
+MAX_TAG_CHARS = 200
+MODELSPEC_VERSION = "1.0.1"
+
+
+def kohya_prefixes(family: str) -> dict[str, str]:
+    """Component -> kohya key prefix for `family`."""
+    return KOHYA_PREFIXES["sdxl" if family == "sdxl" else "sd"]
+
+
+def kohya_name(component: str, path: str, family: str) -> str:
+    """The kohya module name sd-scripts writes for a diffusers module path."""
+    if component == "unet" and family == "sdxl":
+        path = diffusers_to_sai_unet_path(path)
+    elif component != "unet" and not path.startswith("text_model."):
+        path = "text_model." + path
+    return kohya_prefixes(family)[component] + "_" + path.replace(".", "_")
+
+
+def diffusers_to_sai_unet_path(path: str) -> str:
+    """Map an SDXL UNet attention path from diffusers layout to the SAI (LDM) block names."""
+    if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", path):
+        i, j, rest = int(m[1]), int(m[2]), m[3]
+        return f"input_blocks.{3 * i + j + 1}.1.{rest}"
+    if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", path):
+        i, j, rest = int(m[1]), int(m[2]), m[3]
+        return f"output_blocks.{3 * i + j}.1.{rest}"
+    if m := re.match(r"mid_block\.attentions\.0\.(.*)", path):
+        return f"middle_block.1.{m[1]}"
+    raise ValueError(f"no SAI name for SDXL UNet module {path!r}")
+
+
+def to_kohya_state_dict(lora: Lora, family: str, dtype: str = "fp16") -> dict[str, torch.Tensor]:
+    """The tensors of a kohya file for `lora` in `dtype` (fp16, bf16 or fp32)."""
+    torch_dtype = SAVE_DTYPES[dtype]
+    tensors = {}
+    for component, path, module in lora.modules():
+        name = kohya_name(component, path, family)
+        tensors[f"{name}.lora_down.weight"] = module.down.to(torch_dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = module.up.to(torch_dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch_dtype)
+    return tensors
+
+
+def build_metadata(
+    *,
+    family: str,
+    title: str,
+    rank: int,
+    alpha: float,
+    trigger_words: list[str],
+    resolution: int,
+    base_name: str = "",
+    tag_frequency: dict[str, dict[str, int]] | None = None,
+    training: dict[str, object] | None = None,
+) -> dict[str, str]:
+    """The `ss_*` and `modelspec.*` metadata sd-scripts writes, every value a string.
+
+    `tag_frequency` is `{dataset_dir_name: {tag: count}}`; it is capped so the header stays
+    small. `training` holds further `ss_*` fields (without the prefix): steps, lr, seed, ...
+    """
+    spec = FAMILIES[family]
+    tags = _cap_tags(tag_frequency or {})
+    if trigger_words and not tags:
+        tags["trigger"] = {}
+    for counts in tags.values():
+        for word in trigger_words:
+            counts.setdefault(word.lower(), 1)
+    meta = {
+        "ss_output_name": title,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_base_model_version": spec.ss_base_model_version,
+        "ss_v2": str(family in ("sd2", "sd2-v")),
+        "ss_sd_model_name": base_name,
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_tag_frequency": json.dumps(tags, ensure_ascii=False),
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": spec.architecture,
+        "modelspec.implementation": spec.implementation,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "v" if spec.prediction_type == "v_prediction" else "epsilon",
+        "modelspec.trigger_phrase": ", ".join(trigger_words),
+    }
+    for key, value in (training or {}).items():
+        meta[f"ss_{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return meta
+
+
+def save_kohya(
+    path: str | Path, lora: Lora, family: str, metadata: dict[str, str], dtype: str = "fp16"
+) -> Path:
+    """Write `lora` as a kohya `.safetensors` file with hashes added to `metadata`.
+
+    The file appears whole or not at all: it is written beside the target and renamed.
+    """
+    tensors = to_kohya_state_dict(lora, family, dtype)
+    metadata = dict(metadata)
+    metadata.update(safetensors_hashes(tensors, metadata))
+    metadata["modelspec.hash_sha256"] = "0x" + metadata["sshs_model_hash"]
+    return write_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
+
+
+def safetensors_hashes(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> dict[str, str]:
+    """`sshs_model_hash` (sha256 of the bytes after the header: A1111's and Civitai's AutoV3)
+    and `sshs_legacy_hash` (sha256 of 64 KiB at offset 1 MiB, first 8 hex digits)."""
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    return {
+        "sshs_model_hash": sha256_after_header(data),
+        "sshs_legacy_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
+    }
+
+
+def sha256_after_header(data: bytes) -> str:
+    """sha256 of a safetensors file's tensor bytes (independent of its metadata)."""
+    header_len = struct.unpack("<Q", data[:8])[0]
+    return hashlib.sha256(data[8 + header_len :]).hexdigest()
+
+
+def write_atomic(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _cap_tags(tag_frequency: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Keep the most frequent tags per folder, each cut to a sane length (sd-scripts #1380)."""
+    capped = {}
+    for folder, counts in tag_frequency.items():
+        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_TAGS_PER_DIR]
+        capped[folder] = {tag[:MAX_TAG_CHARS]: n for tag, n in top}
+    return capped

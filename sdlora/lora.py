@@ -1,0 +1,111 @@
+"""LoRA adapters: which modules to target, injecting them with peft, and reading them back.
+
+`rank` and `alpha` are this project's words (sd-scripts' `network_dim` / `network_alpha`); they
+map to peft's `r` / `lora_alpha` here and nowhere else. The update of a module is
+ΔW = (alpha / rank) · up @ down.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora import LoraLayer
+
+ADAPTER = "default"
+
+# Module-name suffixes, matched by peft against the end of each module's path.
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
+# sd-scripts' default UNet targets: every Linear/1x1 conv inside the transformer blocks.
+UNET_ALL_LINEAR = UNET_ATTENTION + UNET_FEED_FORWARD + ("proj_in", "proj_out")
+TEXT_ENCODER_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+UNET_TARGET_PRESETS = {
+    "attention": UNET_ATTENTION,
+    "attention+ff": UNET_ATTENTION + UNET_FEED_FORWARD,
+    "all-linear": UNET_ALL_LINEAR,
+}
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: ΔW = (alpha / rank) · up @ down."""
+
+    down: torch.Tensor
+    """[rank, in] (conv: [rank, in, k, k])."""
+    up: torch.Tensor
+    """[out, rank] (conv: [out, rank, 1, 1])."""
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def delta(self) -> torch.Tensor:
+        """The weight update this module adds, in float32, shaped like the module's weight."""
+        delta = (self.alpha / self.rank) * (
+            self.up.float().flatten(1) @ self.down.float().flatten(1)
+        )
+        return delta.reshape(self.up.shape[0], *self.down.shape[1:])
+
+
+@dataclass
+class Lora:
+    """The canonical in-memory LoRA: modules by component and diffusers module path."""
+
+    components: dict[str, dict[str, LoraModule]] = field(default_factory=dict)
+    """{"unet" | "text_encoder" | "text_encoder_2": {module_path: LoraModule}}."""
+    family: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def modules(self):
+        """(component, path, module) for every adapted module, in a stable order."""
+        for component in sorted(self.components):
+            for path in sorted(self.components[component]):
+                yield component, path, self.components[component][path]
+
+    def count(self, component: str) -> int:
+        return len(self.components.get(component, {}))
+
+
+def inject_lora(model: torch.nn.Module, rank: int, alpha: float, targets: tuple[str, ...]) -> int:
+    """Add trainable LoRA layers to `model`'s `targets` in place; freeze everything else.
+
+    The down matrices start random and the up matrices at zero, so the model's output is
+    unchanged until the first step. Returns the number of trainable parameters.
+    """
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True
+    )
+    model.requires_grad_(False)
+    model.add_adapter(config, adapter_name=ADAPTER)
+    for layer in lora_layers(model).values():
+        for param in (*layer.lora_A[ADAPTER].parameters(), *layer.lora_B[ADAPTER].parameters()):
+            param.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
+    """peft LoRA layers of `model` by module path."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def extract_lora(model: torch.nn.Module) -> dict[str, LoraModule]:
+    """The current LoRA weights of `model` (detached float32 copies) by module path."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        if ADAPTER not in layer.lora_A:
+            continue
+        out[name] = LoraModule(
+            down=layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
+            up=layer.lora_B[ADAPTER].weight.detach().float().cpu().clone(),
+            alpha=float(layer.lora_alpha[ADAPTER]),
+        )
+    return out
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable LoRA parameters of `model`."""
+    return [p for p in model.parameters() if p.requires_grad]

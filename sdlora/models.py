@@ -1,0 +1,162 @@
+"""Loading a base model: diffusers folder, single-file checkpoint, hub id or a built-in tiny model.
+
+Every loader returns one `Base` record: the pipeline components plus the family they belong to.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+
+from sdlora import tiny
+from sdlora.errors import SdloraError
+from sdlora.families import FAMILIES, family_from_diffusers_config
+
+TINY_PREFIX = "tiny:"
+
+
+@dataclass
+class Base:
+    """A frozen base checkpoint, ready to train on or generate with."""
+
+    name: str
+    family: str
+    unet: object
+    vae: object
+    text_encoder: object
+    tokenizer: object
+    scheduler: object
+    """The training noise scheduler (DDPM with the checkpoint's schedule and prediction type)."""
+    text_encoder_2: object | None = None
+    tokenizer_2: object | None = None
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
+    @property
+    def text_encoders(self) -> dict:
+        """Text encoders by component name (`text_encoder`, and `text_encoder_2` for SDXL)."""
+        encoders = {"text_encoder": self.text_encoder}
+        if self.text_encoder_2 is not None:
+            encoders["text_encoder_2"] = self.text_encoder_2
+        return encoders
+
+    def pipeline(self, scheduler=None) -> DiffusionPipeline:
+        """A diffusers pipeline over these very modules (LoRA layers included)."""
+        scheduler = scheduler or self.scheduler
+        if self.family == "sdxl":
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.unet,
+                scheduler=scheduler,
+                force_zeros_for_empty_prompt=False,
+            )
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
+def load_base(spec: str, family: str | None = None, seed: int = 0) -> Base:
+    """Load the base named by `spec`: `tiny:<family>`, a diffusers folder or a hub id.
+
+    `family` overrides what the weights say (only sd2 vs sd2-v cannot be told from shapes).
+    """
+    if spec.startswith(TINY_PREFIX):
+        name = spec[len(TINY_PREFIX) :]
+        if name not in tiny.TINY_FAMILIES:
+            raise SdloraError(
+                f"unknown built-in model {spec!r}; choose one of "
+                + ", ".join(TINY_PREFIX + f for f in tiny.TINY_FAMILIES)
+            )
+        return Base(name=spec, family=name, **tiny.tiny_components(name, seed=seed))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _from_folder(path, family)
+    if path.exists():
+        raise SdloraError(
+            f"base {spec} is a file; single-file checkpoints are loaded through "
+            "`from_single_file`, which needs the family's config folder"
+        )
+    if _looks_like_hub_id(spec):
+        return _from_hub(spec, family)
+    raise SdloraError(
+        f"base {spec!r} does not exist: pass a diffusers folder, a .safetensors checkpoint, "
+        "a hub id (org/name) or a built-in model such as tiny:sd1"
+    )
+
+
+def _from_folder(path: Path, family: str | None) -> Base:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise SdloraError(
+            f"{path} is not a diffusers model folder (no model_index.json); pass the folder "
+            "that holds unet/, vae/, text_encoder/ and model_index.json"
+        )
+    has_te2 = "text_encoder_2" in json.loads(index.read_text())
+    cls = StableDiffusionXLPipeline if has_te2 else StableDiffusionPipeline
+    extra = {} if has_te2 else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = cls.from_pretrained(path, local_files_only=True, **extra)
+    except (OSError, ValueError) as e:
+        raise SdloraError(f"could not load the diffusers folder {path}: {e}") from None
+    return _from_pipeline(str(path), pipe, family)
+
+
+def _from_hub(repo_id: str, family: str | None) -> Base:
+    try:
+        pipe = DiffusionPipeline.from_pretrained(repo_id)
+    except OSError as e:
+        raise SdloraError(
+            f"could not fetch {repo_id!r} from the hub ({e.__class__.__name__}); offline, "
+            "download it elsewhere and pass the local folder or .safetensors file"
+        ) from None
+    return _from_pipeline(repo_id, pipe, family)
+
+
+def _from_pipeline(name: str, pipe: DiffusionPipeline, family: str | None) -> Base:
+    parts = pipe.components
+    sched_config = dict(parts["scheduler"].config)
+    detected = family_from_diffusers_config(
+        parts["unet"].config,
+        parts.get("text_encoder_2") is not None,
+        sched_config.get("prediction_type", "epsilon"),
+    )
+    family = family or detected
+    if family not in FAMILIES:
+        raise SdloraError(
+            f"could not tell which Stable Diffusion family {name} belongs to; "
+            "set model.family to sd1, sd2, sd2-v or sdxl"
+        )
+    sched_config["prediction_type"] = FAMILIES[family].prediction_type
+    components = {
+        key: parts.get(key)
+        for key in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    }
+    return Base(
+        name=name, family=family, scheduler=DDPMScheduler.from_config(sched_config), **components
+    )
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))

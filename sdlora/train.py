@@ -1,0 +1,370 @@
+"""The training loop: a frozen base, LoRA layers on its attention, a diffusion loss.
+
+`train()` reads top to bottom: data, base, adapters, latent cache, optimizer, loop, save.
+The per-step maths is `diffusion_loss()`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDIMScheduler
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from sdlora import export
+from sdlora.config import Config, config_to_toml, load_config
+from sdlora.dataset import Problem, Scan, load_image, scan_folder, tag_frequency
+from sdlora.errors import SdloraError
+from sdlora.images import save_grid
+from sdlora.lora import (
+    TEXT_ENCODER_ATTENTION,
+    UNET_TARGET_PRESETS,
+    Lora,
+    extract_lora,
+    inject_lora,
+    lora_parameters,
+)
+from sdlora.models import Base, load_base
+
+
+@dataclass
+class TrainResult:
+    """What a finished run wrote."""
+
+    run_dir: Path
+    lora_path: Path
+    base: Base
+    """The base with the trained LoRA layers in place (ready for more sampling)."""
+    samples: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    skipped: list[Problem] = field(default_factory=list)
+
+
+def diffusion_loss(
+    unet,
+    noise_scheduler,
+    latents: torch.Tensor,  # (B, 4, H/8, W/8), already scaled
+    text: torch.Tensor,  # (B, 77, cross_attention_dim)
+    noise: torch.Tensor,  # like latents
+    timesteps: torch.Tensor,  # (B,) ints in [0, num_train_timesteps)
+    added_cond: dict | None = None,  # SDXL: pooled text embeddings and time ids
+) -> torch.Tensor:
+    """Mean squared error between the UNet's prediction and its target (ε or v)."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(pred.float(), target.float())
+
+
+def train(
+    config: Config | str | Path, overrides: tuple[str, ...] = (), progress: bool = True
+) -> TrainResult:
+    """Train a style LoRA as `config` says; returns the paths written."""
+    if not isinstance(config, Config):
+        config = load_config(config, overrides)
+    c_data, c_lora, c_train, c_out = config.dataset, config.lora, config.train, config.output
+    run_dir = Path(c_out.dir)
+    lora_path = run_dir / f"{c_out.name}.safetensors"
+    if lora_path.exists() and not c_out.overwrite:
+        raise SdloraError(
+            f"{lora_path} already exists; choose another output.dir or output.name, "
+            "or set output.overwrite=true"
+        )
+
+    # Data first: a bad folder fails before any model loads.
+    scan = scan_folder(c_data.path, c_data.trigger, c_data.caption_ext, c_data.caption_template)
+
+    # Devices and precision.
+    if c_train.device == "cuda" and not torch.cuda.is_available():
+        raise SdloraError("train.device is cuda but no CUDA device is available; use cpu or auto")
+    if c_train.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SdloraError("train.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
+    accelerator = Accelerator(
+        mixed_precision=c_train.mixed_precision,
+        cpu=c_train.device == "cpu",
+        gradient_accumulation_steps=c_train.grad_accum,
+    )
+    device = accelerator.device
+
+    # The frozen base, with LoRA layers on its attention.
+    base = load_base(config.model.base, config.model.family, seed=c_train.seed)
+    torch.manual_seed(c_train.seed)
+    inject_lora(base.unet, c_lora.rank, c_lora.alpha, UNET_TARGET_PRESETS[c_lora.unet_targets])
+    train_te = c_lora.text_encoder and (
+        c_train.text_encoder_lr is None or c_train.text_encoder_lr > 0
+    )
+    for encoder in base.text_encoders.values():
+        if train_te:
+            inject_lora(encoder, c_lora.rank, c_lora.alpha, TEXT_ENCODER_ATTENTION)
+        else:
+            encoder.requires_grad_(False)
+    base.vae.requires_grad_(False)
+    for module in (base.unet, base.vae, *base.text_encoders.values()):
+        module.to(device)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
+    print(f"sdlora: training {base.family} LoRA on {len(scan.examples)} images -> {run_dir}")
+    for problem in scan.skipped:
+        print(f"  skipped {problem.path}: {problem.reason}")
+
+    # Latents are computed once: the VAE is frozen.
+    latents = encode_images(base, scan, c_data.resolution, device)  # (N, 4, H/8, W/8)
+    captions = [e.caption for e in scan.examples]
+    text_cache = None if train_te else encode_text(base, captions, device)
+
+    # Optimizer and learning-rate schedule.
+    groups = [{"params": lora_parameters(base.unet), "lr": c_train.lr}]
+    if train_te:
+        te_lr = c_train.text_encoder_lr if c_train.text_encoder_lr is not None else c_train.lr
+        te_params = [p for e in base.text_encoders.values() for p in lora_parameters(e)]
+        groups.append({"params": te_params, "lr": te_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=c_train.weight_decay)
+    lr_schedule = get_scheduler(
+        c_train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=c_train.warmup_steps,
+        num_training_steps=c_train.steps,
+    )
+    trainable = [base.unet, *(base.text_encoders.values() if train_te else ())]
+    prepared = accelerator.prepare(*trainable, optimizer, lr_schedule)
+    optimizer, lr_schedule = prepared[-2], prepared[-1]
+
+    # Sampling, logs, the loop.
+    samples = [sample(base, config, run_dir, step=0, device=device)]
+    log_path = run_dir / "log.jsonl"
+    writer = _tensorboard(run_dir / "logs")
+    data_gen = torch.Generator().manual_seed(c_train.seed)
+    noise_gen = torch.Generator().manual_seed(c_train.seed + 1)
+    order = _batches(len(scan.examples) * c_data.repeats, c_train.batch_size, data_gen)
+    losses: list[float] = []
+    started = time.time()
+    bar = tqdm(total=c_train.steps, desc="train", unit="step", disable=not progress)
+    for module in trainable:
+        module.train()
+    with log_path.open("w", encoding="utf-8") as log:
+        for step in range(1, c_train.steps + 1):
+            step_loss = 0.0
+            for _ in range(c_train.grad_accum):
+                idx = next(order) % len(scan.examples)
+                with accelerator.accumulate(*trainable):
+                    batch_latents = latents[idx].to(device)
+                    if text_cache is None:
+                        text, pooled = encode_text(base, [captions[i] for i in idx], device)
+                    else:
+                        text, pooled = text_cache[0][idx], _index(text_cache[1], idx)
+                    noise = torch.randn(batch_latents.shape, generator=noise_gen).to(device)
+                    timesteps = torch.randint(
+                        0,
+                        base.scheduler.config.num_train_timesteps,
+                        (len(idx),),
+                        generator=noise_gen,
+                    ).to(device)
+                    with accelerator.autocast():
+                        loss = diffusion_loss(
+                            base.unet,
+                            base.scheduler,
+                            batch_latents,
+                            text,
+                            noise,
+                            timesteps,
+                            _added_cond(base, pooled, c_data.resolution, device),
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and c_train.max_grad_norm > 0:
+                        params = [p for g in optimizer.param_groups for p in g["params"]]
+                        accelerator.clip_grad_norm_(params, c_train.max_grad_norm)
+                    optimizer.step()
+                    lr_schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.item() / c_train.grad_accum
+            if not torch.isfinite(torch.tensor(step_loss)):
+                names = ", ".join(scan.examples[i].path.name for i in idx.tolist())
+                raise SdloraError(
+                    f"loss became {step_loss} at step {step} (batch: {names}); "
+                    "lower train.lr or use train.mixed_precision=no"
+                )
+            losses.append(step_loss)
+            lr = lr_schedule.get_last_lr()[0]
+            if step % c_train.log_every == 0 or step == c_train.steps:
+                log.write(json.dumps({"step": step, "loss": step_loss, "lr": lr}) + "\n")
+                writer.add_scalar("train/loss", step_loss, step)
+                writer.add_scalar("train/lr", lr, step)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            bar.update(1)
+            if config.sample.every and step % config.sample.every == 0 and step < c_train.steps:
+                samples.append(sample(base, config, run_dir, step=step, device=device))
+    bar.close()
+    writer.close()
+    wall = time.time() - started
+
+    # The LoRA file first, then the last samples.
+    lora = collect_lora(base, accelerator)
+    metadata = export.build_metadata(
+        family=base.family,
+        title=c_out.name,
+        rank=c_lora.rank,
+        alpha=c_lora.alpha,
+        trigger_words=[c_data.trigger],
+        resolution=c_data.resolution,
+        base_name=base.name,
+        tag_frequency=tag_frequency(scan),
+        training=training_metadata(config, scan, started, train_te),
+    )
+    export.save_kohya(lora_path, lora, base.family, metadata, dtype=c_out.dtype)
+    samples.append(sample(base, config, run_dir, step=c_train.steps, device=device))
+    report = {
+        "steps": c_train.steps,
+        "wall_time_s": round(wall, 3),
+        "samples_per_s": round(c_train.steps * c_train.batch_size * c_train.grad_accum / wall, 3),
+        "final_loss": losses[-1],
+        "lora": str(lora_path),
+        "images": len(scan.examples),
+        "skipped": [{"file": str(p.path), "reason": p.reason} for p in scan.skipped],
+        "warnings": [{"file": str(p.path), "reason": p.reason} for p in scan.warnings],
+    }
+    (run_dir / "run.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return TrainResult(run_dir, lora_path, base, samples, losses, scan.skipped)
+
+
+def encode_images(base: Base, scan: Scan, resolution: int, device) -> torch.Tensor:
+    """VAE latents of every example, scaled by the VAE's own factor, kept on the CPU."""
+    latents = []
+    scale = base.vae.config.scaling_factor
+    with torch.no_grad():
+        for example in scan.examples:
+            pixels = load_image(example.path, resolution).unsqueeze(0).to(device)  # (1, 3, H, W)
+            latents.append(base.vae.encode(pixels).latent_dist.mean.cpu() * scale)
+    return torch.cat(latents)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+
+
+def encode_text(
+    base: Base, captions: list[str], device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text conditioning (B, 77, width) and, for SDXL, pooled embeddings (B, width_2)."""
+    ids = tokenize(base.tokenizer, captions).to(device)
+    if base.family != "sdxl":
+        return base.text_encoder(ids)[0], None
+    ids_2 = tokenize(base.tokenizer_2, captions).to(device)
+    # SDXL conditions on both encoders' penultimate layers, side by side.
+    out_1 = base.text_encoder(ids, output_hidden_states=True)
+    out_2 = base.text_encoder_2(ids_2, output_hidden_states=True)
+    text = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    return text, out_2.text_embeds
+
+
+def _added_cond(base: Base, pooled, resolution: int, device) -> dict | None:
+    if base.family != "sdxl":
+        return None
+    # time ids: original size, crop top-left, target size (images are centre-cropped squares).
+    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype)
+    return {"text_embeds": pooled, "time_ids": ids.repeat(pooled.shape[0], 1).to(device)}
+
+
+def _index(tensor, idx):
+    return None if tensor is None else tensor[idx]
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless batches of indices in [0, n): a fresh shuffle every epoch."""
+    batch_size = min(batch_size, n)
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield perm[start : start + batch_size]
+
+
+def collect_lora(base: Base, accelerator: Accelerator) -> Lora:
+    """The trained adapters of every component in the canonical form."""
+    components = {"unet": extract_lora(accelerator.unwrap_model(base.unet))}
+    for name, encoder in base.text_encoders.items():
+        modules = extract_lora(accelerator.unwrap_model(encoder))
+        if modules:
+            components[name] = modules
+    return Lora(components=components, family=base.family)
+
+
+def sample(base: Base, config: Config, run_dir: Path, step: int, device) -> Path:
+    """Render the sample prompts (same seeds every time) into samples/step_NNNNNN.png."""
+    prompts = [p.format(trigger=config.dataset.trigger) for p in config.sample.prompts]
+    pipe = base.pipeline(DDIMScheduler.from_config(base.scheduler.config))
+    pipe.set_progress_bar_config(disable=True)
+    modules = (base.unet, *base.text_encoders.values())
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    images = []
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            generator = torch.Generator().manual_seed(config.sample.seed + i)
+            images += pipe(
+                prompt,
+                num_inference_steps=config.sample.steps,
+                guidance_scale=config.sample.cfg,
+                height=config.dataset.resolution,
+                width=config.dataset.resolution,
+                generator=generator,
+            ).images
+    for m, training in zip(modules, was_training, strict=True):
+        m.train(training)
+    path = run_dir / "samples" / f"step_{step:06d}.png"
+    save_grid(images, prompts, path, title=f"step {step}")
+    return path
+
+
+def training_metadata(config: Config, scan: Scan, started: float, train_te: bool) -> dict:
+    """The training-run `ss_*` fields (without prefix), all strings."""
+    t = config.train
+    te_lr = (t.text_encoder_lr if t.text_encoder_lr is not None else t.lr) if train_te else 0.0
+    return {
+        "learning_rate": str(t.lr),
+        "unet_lr": str(t.lr),
+        "text_encoder_lr": str(te_lr),
+        "steps": str(t.steps),
+        "max_train_steps": str(t.steps),
+        "epoch": str(max(1, t.steps * t.batch_size * t.grad_accum // len(scan.examples))),
+        "optimizer": "torch.optim.AdamW",
+        "lr_scheduler": t.lr_scheduler,
+        "lr_warmup_steps": str(t.warmup_steps),
+        "mixed_precision": t.mixed_precision,
+        "seed": str(t.seed),
+        "batch_size_per_device": str(t.batch_size),
+        "gradient_accumulation_steps": str(t.grad_accum),
+        "max_grad_norm": str(t.max_grad_norm),
+        "num_train_images": str(len(scan.examples)),
+        "dataset_dirs": json.dumps(
+            {scan.root.name: {"n_repeats": config.dataset.repeats, "img_count": len(scan.examples)}}
+        ),
+        "training_started_at": str(started),
+        "training_finished_at": str(time.time()),
+        "clip_skip": "None",
+        "noise_offset": "None",
+        "min_snr_gamma": "None",
+        "network_train_unet_only": str(not train_te),
+    }
+
+
+def _tensorboard(log_dir: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))

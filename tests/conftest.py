@@ -1,0 +1,59 @@
+"""Shared fixtures: a small copy of the example set and one short training run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "datasets_examples" / "stripes"
+
+
+@pytest.fixture()
+def style_dir(tmp_path) -> Path:
+    """Six images of the example style set with their captions, in a folder of their own."""
+    folder = tmp_path / "style"
+    folder.mkdir()
+    for image in sorted(EXAMPLES.glob("*.png"))[:6]:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    return folder
+
+
+def tiny_overrides(dataset: Path, out: Path, steps: int = 3) -> list[str]:
+    return [
+        "model.base=tiny:sd1",
+        f"dataset.path={dataset}",
+        "dataset.trigger=zkstripes",
+        "dataset.resolution=64",
+        f"output.dir={out}",
+        "output.name=style",
+        f"train.steps={steps}",
+        "train.batch_size=2",
+        "train.lr=1e-2",
+        "lora.rank=4",
+        "lora.alpha=2",
+        "sample.steps=2",
+        'sample.prompts=["{trigger}, a circle"]',
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One 3-step run on tiny:sd1 saved in fp32, shared by the tests that read its outputs."""
+    from sdlora import load_config, train
+
+    root = tmp_path_factory.mktemp("trained")
+    folder = root / "style"
+    folder.mkdir()
+    for image in sorted(EXAMPLES.glob("*.png"))[:6]:
+        shutil.copy(image, folder / image.name)
+        shutil.copy(image.with_suffix(".txt"), folder / image.with_suffix(".txt").name)
+    config = load_config(None, tiny_overrides(folder, root / "run") + ["output.dtype=fp32"])
+    return train(config, progress=False)

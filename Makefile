@@ -24,8 +24,8 @@ demo: $(STAMP)
 	$(BIN)/sdlora demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check sdlora tests benchmarks datasets_examples
-	$(BIN)/ruff format --check sdlora tests benchmarks datasets_examples
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 test: lint
 	$(BIN)/python -m pytest -q

@@ -63,7 +63,16 @@ FAMILIES: dict[str, Family] = {
 }
 
 # Cross-attention (text context) width -> family, ignoring the sd2 / sd2-v split.
-CROSS_ATTENTION_WIDTHS = {768: "sd1", 1024: "sd2", 2048: "sdxl", 32: "sd1", 48: "sd2", 64: "sdxl"}
+# 32 / 48 / 64 are the built-in tiny models; 96 is the shipped micro model (SD 1.x-shaped).
+CROSS_ATTENTION_WIDTHS = {
+    768: "sd1",
+    1024: "sd2",
+    2048: "sdxl",
+    32: "sd1",
+    48: "sd2",
+    64: "sdxl",
+    96: "sd1",
+}
 
 
 def family_from_width(width: int, prediction_type: str = "epsilon") -> str | None:

@@ -25,28 +25,48 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def tiny_tokenizer(words: list[str] | tuple[str, ...] = ()) -> CLIPTokenizer:
-    """A CLIP BPE tokenizer over single bytes (plus optional whole words); no merges needed."""
+    """A CLIP BPE tokenizer over single bytes, plus optional whole words (one token each)."""
     vocab: dict[str, int] = {}
     chars = list(bytes_to_unicode().values())
-    for token in chars + [c + "</w>" for c in chars] + [w + "</w>" for w in words] + [BOS, EOS]:
-        vocab.setdefault(token, len(vocab))
     merges = _merges_for(words)
+    # Every merge result is a token: the word-final ones are the whole words.
+    merged = [a + b for a, b in merges]
+    for token in chars + [c + "</w>" for c in chars] + merged + [BOS, EOS]:
+        vocab.setdefault(token, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def _merges_for(words) -> list[tuple[str, str]]:
-    """BPE merges that rebuild each whole word left to right (`a b` -> `ab`, `ab c` -> `abc`)."""
+    """BPE merges that turn each word into one token.
+
+    Each word is first split by the merges learnt so far (as the tokenizer would), then its
+    pieces are joined left to right by new merges. New merges rank after all earlier ones, so
+    they never change how an earlier word is split.
+    """
     merges: list[tuple[str, str]] = []
-    seen = set()
     for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        left = symbols[0]
-        for right in symbols[1:]:
-            if (left, right) not in seen:
-                seen.add((left, right))
-                merges.append((left, right))
+        pieces = _apply_merges(list(word[:-1]) + [word[-1] + "</w>"], merges)
+        left = pieces[0]
+        for right in pieces[1:]:
+            merges.append((left, right))
             left = left + right
     return merges
+
+
+def _apply_merges(symbols: list[str], merges: list[tuple[str, str]]) -> list[str]:
+    """Byte-pair encoding of one word: repeatedly join the best-ranked adjacent pair."""
+    rank = {pair: i for i, pair in enumerate(merges)}
+    while len(symbols) > 1:
+        pairs = [(rank.get((a, b), len(rank)), i) for i, (a, b) in enumerate(_pairs(symbols))]
+        best, i = min(pairs)
+        if best == len(rank):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2 :]
+    return symbols
+
+
+def _pairs(symbols: list[str]):
+    return zip(symbols[:-1], symbols[1:], strict=True)
 
 
 def _text_encoder_config(

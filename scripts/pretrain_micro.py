@@ -1,0 +1,219 @@
+"""Pretrain the micro model shipped in `sdlora/weights/micro/` (see `sdlora/micro.py`).
+
+The data is drawn by `sdlora/shapes.py` (nothing is downloaded). Two phases:
+1. the VAE alone, on the images (MSE + a small KL term); its latent scaling factor is set to
+   1 / std of the latents, as SD's 0.18215 was;
+2. the UNet and the text encoder together, from scratch, on the VAE's latents (epsilon
+   prediction, SD's scaled-linear DDPM schedule), with captions that leave out the position
+   or the background at random and are dropped entirely 10% of the time, so classifier-free
+   guidance works. An exponential moving average of the weights is what gets saved.
+
+The defaults are the settings of the shipped weights (about an hour on two CPU cores, one
+thread):
+
+    nice -n 10 .venv/bin/python scripts/pretrain_micro.py
+
+Every `--checkpoint-every` steps the current EMA weights are written to `<work>/checkpoint/`
+and scored with the pixel checker of `sdlora/shapes.py` (log in `<work>/log.jsonl`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdlora import micro, shapes
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=micro.WEIGHTS, help="final diffusers folder")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "pretrain_micro")
+    p.add_argument("--images", type=int, default=12000, help="size of the drawn training set")
+    p.add_argument("--vae-steps", type=int, default=900)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--unet-steps", type=int, default=5000)
+    p.add_argument("--lr", type=float, default=6e-4, help="UNet and text-encoder peak rate")
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--eval-prompts", type=int, default=24)
+    p.add_argument("--reuse-vae", action="store_true", help="load <work>/vae instead of phase 1")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def draw_dataset(count: int, seed: int) -> tuple[list[shapes.Scene], torch.Tensor]:
+    """`count` random scenes and their images as (N, 3, 32, 32) floats in [-1, 1]."""
+    rng = random.Random(seed)
+    scenes = [shapes.random_scene(rng) for _ in range(count)]
+    pixels = np.stack([np.asarray(shapes.draw(s, rng)) for s in scenes])  # (N, 32, 32, 3)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return scenes, images
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, lr: float, batch: int, log) -> None:
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps)
+    gen = torch.Generator().manual_seed(1)
+    vae.train()
+    for step in range(1, steps + 1):
+        x = images[torch.randint(0, len(images), (batch,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + 1e-6 * posterior.kl().mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == steps:
+            # PSNR of images in [-1, 1]: peak-to-peak 2.
+            log({"phase": "vae", "step": step, "mse": mse.item(), "psnr": psnr(mse.item())})
+    vae.eval()
+
+
+def psnr(mse: float) -> float:
+    return 10 * math.log10(4 / max(mse, 1e-12))
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """Posterior means, (N, 4, 8, 8), unscaled."""
+    return torch.cat([vae.encode(x).latent_dist.mean for x in images.split(256)])
+
+
+def caption_ids(tokenizer, scenes, rng: random.Random, dropout: float) -> torch.Tensor:
+    captions = ["" if rng.random() < dropout else shapes.partial(s, rng).caption() for s in scenes]
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+
+
+def save(components: dict, folder: Path) -> None:
+    """Write a diffusers folder with fp16 weights (half the size; loaded back as fp32)."""
+    parts = dict(components)
+    for name in ("unet", "vae", "text_encoder"):
+        parts[name] = copy.deepcopy(parts[name]).half()
+    micro.pipeline(parts).save_pretrained(folder, safe_serialization=True)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    args.work.mkdir(parents=True, exist_ok=True)
+    log_file = (args.work / "log.jsonl").open("a", encoding="utf-8")
+    started = time.time()
+
+    def log(record: dict) -> None:
+        record = {"t": round(time.time() - started, 1), **record}
+        print(json.dumps(record), flush=True)
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+
+    log({"settings": {k: str(v) for k, v in vars(args).items()}})
+    parts = micro.fresh_components(args.seed)
+    scenes, images = draw_dataset(args.images, args.seed)
+
+    # Phase 1: the VAE, then its latent scale.
+    vae_dir = args.work / "vae"
+    if args.reuse_vae:
+        parts["vae"] = type(parts["vae"]).from_pretrained(vae_dir)
+    else:
+        train_vae(parts["vae"], images, args.vae_steps, args.vae_lr, args.batch, log)
+        raw = encode(parts["vae"], images)
+        parts["vae"].register_to_config(scaling_factor=float(1 / raw.std()))
+        parts["vae"].save_pretrained(vae_dir)
+    vae = parts["vae"].eval().requires_grad_(False)
+    latents = encode(vae, images) * vae.config.scaling_factor  # (N, 4, 8, 8)
+    log({"phase": "vae", "scaling_factor": vae.config.scaling_factor})
+
+    # Phase 2: UNet and text encoder together.
+    unet, te, tok, sched = (
+        parts["unet"],
+        parts["text_encoder"],
+        parts["tokenizer"],
+        parts["scheduler"],
+    )
+    ema = {"unet": copy.deepcopy(unet).requires_grad_(False), "te": copy.deepcopy(te)}
+    ema["te"].requires_grad_(False)
+    params = [*unet.parameters(), *te.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    total = args.unet_steps
+
+    def rate(step: int) -> float:
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        return 0.1 + 0.9 * 0.5 * (
+            1 + math.cos(math.pi * (step - args.warmup) / max(1, total - args.warmup))
+        )
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, rate)
+    rng = random.Random(args.seed + 1)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    unet.train()
+    te.train()
+    result = {}
+    for step in range(1, total + 1):
+        idx = torch.randint(0, len(scenes), (args.batch,), generator=gen)
+        ids = caption_ids(tok, [scenes[i] for i in idx.tolist()], rng, args.caption_dropout)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
+        pred = unet(sched.add_noise(x0, noise, t), t, te(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        decay = min(args.ema, (1 + step) / (10 + step))
+        ema_update(ema["unet"], unet, decay)
+        ema_update(ema["te"], te, decay)
+        if step % 50 == 0:
+            log(
+                {
+                    "phase": "unet",
+                    "step": step,
+                    "loss": loss.item(),
+                    "lr": schedule.get_last_lr()[0],
+                }
+            )
+        if step % args.checkpoint_every == 0 or step == total:
+            final = {**parts, "unet": ema["unet"], "text_encoder": ema["te"]}
+            save(final, args.work / "checkpoint")
+            overall, per_claim, _ = micro.agreement(
+                micro.pipeline({**final, "scheduler": micro.scheduler()}),
+                shapes.check_prompts(args.eval_prompts, seed=123),
+            )
+            result = {"phase": "eval", "step": step, "agreement": overall, **per_claim}
+            log(result)
+    save({**parts, "unet": ema["unet"], "text_encoder": ema["te"]}, args.out)
+    log({"done": str(args.out), "wall_s": round(time.time() - started, 1)})
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from diffusers import (
     DDPMScheduler,
     DiffusionPipeline,
@@ -16,11 +17,12 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
-from sdlora import tiny
+from sdlora import micro, tiny
 from sdlora.errors import SdloraError
 from sdlora.families import FAMILIES, family_from_diffusers_config
 
 TINY_PREFIX = "tiny:"
+MICRO = "micro"
 
 
 @dataclass
@@ -81,6 +83,8 @@ def load_base(spec: str, family: str | None = None, seed: int = 0) -> Base:
 
     `family` overrides what the weights say (only sd2 vs sd2-v cannot be told from shapes).
     """
+    if spec == MICRO:
+        return _from_micro(family)
     if spec.startswith(TINY_PREFIX):
         name = spec[len(TINY_PREFIX) :]
         if name not in tiny.TINY_FAMILIES:
@@ -120,6 +124,24 @@ def _from_folder(path: Path, family: str | None) -> Base:
     except (OSError, ValueError) as e:
         raise SdloraError(f"could not load the diffusers folder {path}: {e}") from None
     return _from_pipeline(str(path), pipe, family)
+
+
+def _from_micro(family: str | None) -> Base:
+    """The pretrained micro model shipped inside the package (see `sdlora/micro.py`)."""
+    if not micro.available():
+        raise SdloraError(
+            f"the micro model's weights are missing from {micro.WEIGHTS}; reinstall sdlora "
+            "or rebuild them with scripts/pretrain_micro.py"
+        )
+    # Stored in fp16 to stay small; trained and sampled in fp32.
+    pipe = StableDiffusionPipeline.from_pretrained(
+        micro.WEIGHTS,
+        torch_dtype=torch.float32,
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    return _from_pipeline(MICRO, pipe, family)
 
 
 def _from_hub(repo_id: str, family: str | None) -> Base:

@@ -17,6 +17,7 @@ from typing import Any
 
 import tomllib
 
+from sdlora.decode import parse_colour
 from sdlora.errors import SdloraError
 
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
@@ -26,6 +27,8 @@ LR_SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "linear", "polyno
 UNET_TARGETS = ("attention", "attention+ff", "all-linear")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
+CROPS = ("center", "random")
+SMALL_IMAGES = ("skip", "upscale")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,10 @@ class ModelConfig:
     """Base checkpoint: diffusers folder, single-file .safetensors, hub id or `tiny:<family>`."""
     family: str | None = None
     """Override the family recognised from the weights (sd1, sd2, sd2-v, sdxl); rarely needed."""
+    config_dir: str | None = None
+    """Local diffusers-layout config folder for a single-file checkpoint (default: built in)."""
+    allow_pickle: bool = False
+    """Allow a pickle `.ckpt` base (loaded with `weights_only=True`); prefer `.safetensors`."""
 
     def __post_init__(self):
         if not self.base:
@@ -52,9 +59,33 @@ class DatasetConfig:
     caption_template: str = "{trigger}"
     """Caption used for an image without a sidecar file; `{trigger}` is replaced."""
     resolution: int = 512
-    """Training side length in pixels (images are resized and centre-cropped to it)."""
-    repeats: int = 1
-    """How many times each image appears per epoch."""
+    """Training size: buckets have an area of about resolution² (sides multiples of 64)."""
+    repeats: int = 0
+    """Times each image appears per epoch; 0: about 100 images per epoch (`N_name` folders: N)."""
+    buckets: bool = True
+    """Aspect-ratio buckets; false trains resolution x resolution centre squares."""
+    crop: str = "center"
+    """Crop to the bucket: `center`, or `random` (new offset each draw; its latents not cached)."""
+    flip: bool = False
+    """Mirror images left-right at random (two cached latents per image)."""
+    shuffle_tags: bool = False
+    """Shuffle a caption's comma-separated tags every step (the first `keep_tokens` stay)."""
+    keep_tokens: int = 1
+    """Leading tags never shuffled or dropped (1 keeps the trigger word first)."""
+    caption_dropout: float = 0.0
+    """Chance that a step trains on an empty caption."""
+    tag_dropout: float = 0.0
+    """Chance that each tag after the first `keep_tokens` is left out of a step's caption."""
+    background: str = "white"
+    """Colour put under transparent pixels (a name or #rrggbb)."""
+    small_images: str = "skip"
+    """Images under half the resolution: `skip` or `upscale` (warned either way)."""
+    max_pixels: int = 100_000_000
+    """Pixel cap per image: larger files are skipped as possible decompression bombs."""
+    cache_latents: bool = True
+    """Encode each image with the VAE once (per bucket and flip) instead of every step."""
+    cache_dir: str = ""
+    """Folder keeping latents between runs (never inside dataset.path); empty: memory only."""
 
     def __post_init__(self):
         if not self.path:
@@ -67,7 +98,28 @@ class DatasetConfig:
             raise SdloraError(
                 f"dataset.resolution must be a multiple of 64, at least 64; got {self.resolution}"
             )
-        _check_positive("dataset.repeats", self.repeats)
+        if self.repeats < 0 or self.keep_tokens < 0:
+            raise SdloraError(
+                f"dataset.repeats and dataset.keep_tokens must be >= 0, got {self.repeats} "
+                f"and {self.keep_tokens}"
+            )
+        for name in ("caption_dropout", "tag_dropout"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SdloraError(f"dataset.{name} must be in [0, 1], got {getattr(self, name)}")
+        _check_choice("dataset.crop", self.crop, CROPS)
+        _check_choice("dataset.small_images", self.small_images, SMALL_IMAGES)
+        _check_positive("dataset.max_pixels", self.max_pixels)
+        try:
+            parse_colour(self.background)
+        except ValueError as e:
+            raise SdloraError(f"dataset.background: {e}") from None
+        if self.cache_dir and Path(self.cache_dir).resolve().is_relative_to(
+            Path(self.path).resolve()
+        ):
+            raise SdloraError(
+                f"dataset.cache_dir {self.cache_dir} is inside dataset.path; sdlora never "
+                "writes into the dataset folder: choose a folder outside it"
+            )
 
 
 @dataclass(frozen=True)
@@ -189,7 +241,12 @@ SECTIONS: dict[str, type] = {
     "sample": SampleConfig,
 }
 # Fields holding file-system paths: made absolute when the config is loaded.
-PATH_FIELDS = {("dataset", "path"), ("output", "dir")}
+PATH_FIELDS = {
+    ("dataset", "path"),
+    ("dataset", "cache_dir"),
+    ("output", "dir"),
+    ("model", "config_dir"),
+}
 
 
 def load_config(

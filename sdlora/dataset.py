@@ -1,30 +1,64 @@
-"""The training images: folder scan, captions with the trigger word, decoding and resizing.
+"""The training images: folder scan, preflight (full decode of every file), captions, buckets.
 
 The user's folder is only ever read. A file that cannot be used is skipped and reported by
-name; it never stops the scan.
+name with a reason; it never stops the scan. Everything here runs before any model loads.
+
+Scan rules: image extensions are matched case-insensitively (`.JPG` counts once, as `.jpg`);
+dotfiles, `__MACOSX`, `Thumbs.db`, `desktop.ini` and non-image files are ignored; the order is
+sorted by path; symbolic links are followed, each real folder once (loops end). A sub-folder
+named `N_name` (sd-scripts' convention, e.g. `10_forest`) repeats its images N times per epoch.
+Animated GIF/WebP: the first frame is used, with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import random
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps
 
+from sdlora.buckets import fit_to_bucket, make_buckets, nearest_bucket, upscale_factor
+from sdlora.captions import (
+    CLIP_MAX_TOKENS,
+    CaptionProblem,
+    caption_with_trigger,
+    clip_token_estimate,
+    has_trigger,
+    read_caption_file,
+    split_tags,
+    template_caption,
+)
+from sdlora.decode import DEFAULT_MAX_PIXELS, EXTENSION_FORMATS, ImageProblem, open_rgb
 from sdlora.errors import SdloraError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-IGNORED_NAMES = {"Thumbs.db", "desktop.ini", "__MACOSX"}
+IMAGE_EXTENSIONS = tuple(EXTENSION_FORMATS)
+IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+MIN_IMAGES = 5
+EPOCH_TARGET = 100
+"""Automatic repeats aim for about this many images per epoch (5 images: 20 repeats each)."""
+SMALL_FACTOR = 2.0
+"""An image enlarged more than this to fill its bucket is "too small" (< half the resolution)."""
+PREFLIGHT_WORKERS = 4
 
 
 @dataclass(frozen=True)
 class Example:
-    """One training image and its final caption (trigger word included)."""
+    """One usable training image: its final caption, size after EXIF rotation, bucket."""
 
     path: Path
     caption: str
+    size: tuple[int, int]
+    bucket: tuple[int, int]
+    repeats: int
+    sha256: str
+    """Hash of the file's bytes: the latent cache key and the duplicate check."""
 
 
 @dataclass(frozen=True)
@@ -38,103 +72,305 @@ class Scan:
     """What a folder holds: usable examples, skipped files and warnings, each with a reason."""
 
     root: Path
+    resolution: int
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_pixels: int = DEFAULT_MAX_PIXELS
     examples: list[Example] = field(default_factory=list)
     skipped: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
+
+    def require_examples(self) -> None:
+        """Raise the user-facing error when nothing in the folder can be trained on."""
+        if not self.examples:
+            detail = f" ({len(self.skipped)} skipped; run `sdlora check`)" if self.skipped else ""
+            raise SdloraError(
+                f"dataset folder {self.root} has no usable images{detail}; "
+                f"add {'/'.join(IMAGE_EXTENSIONS)} files"
+            )
+
+    def bucket_counts(self) -> dict[str, int]:
+        counts = Counter(f"{w}x{h}" for w, h in (e.bucket for e in self.examples))
+        return dict(sorted(counts.items()))
+
+
+@dataclass
+class _Inspected:
+    path: Path
+    repeats: int
+    size: tuple[int, int] | None = None
+    sha256: str = ""
+    notes: list[str] = field(default_factory=list)
+    problem: str | None = None
 
 
 def scan_folder(
     root: str | Path,
     trigger: str,
+    resolution: int = 512,
     caption_ext: str = ".txt",
     caption_template: str = "{trigger}",
+    repeats: int = 0,
+    buckets: bool = True,
+    small_images: str = "skip",
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Scan:
-    """Find the images under `root` (sorted, sub-folders included) and caption each."""
+    """Find, fully decode and caption every image under `root` (preflight; reads only).
+
+    `repeats`: times per epoch for images outside `N_name` folders; 0 chooses it from the image
+    count (`auto_repeats`). `small_images`: `skip` or `upscale` images that would be enlarged
+    more than 2x to fill their bucket.
+    """
     root = Path(root)
     if not root.is_dir():
         raise SdloraError(f"dataset folder {root} does not exist; set dataset.path to your images")
-    scan = Scan(root=root)
-    for path in _image_files(root):
-        try:
-            with Image.open(path) as img:
-                img.load()  # full decode: catches truncated files that verify() misses
-        except Exception as e:  # noqa: BLE001 - any decoder failure means "unusable file"
-            scan.skipped.append(Problem(path, f"unreadable image ({e.__class__.__name__}: {e})"))
+    scan = Scan(root=root, resolution=resolution, background=background, max_pixels=max_pixels)
+    files, listings = _walk(root)
+    with ThreadPoolExecutor(PREFLIGHT_WORKERS) as pool:  # decoders release the GIL
+        inspected = list(pool.map(lambda f: _inspect(*f, background, max_pixels), files))
+    bucket_list = make_buckets(resolution, buckets)
+    seen: dict[str, Path] = {}
+    sidecar_users: dict[Path, Path] = {}
+    captioned = 0
+    for item in inspected:
+        path = item.path
+        if item.problem:
+            scan.skipped.append(Problem(path, item.problem))
             continue
-        caption = read_caption(path, caption_ext, scan)
+        if item.sha256 in seen:
+            scan.skipped.append(Problem(path, f"duplicate of {_rel(seen[item.sha256], root)}"))
+            continue
+        seen[item.sha256] = path
+        bucket = nearest_bucket(item.size, bucket_list)
+        factor = upscale_factor(item.size, bucket)
+        if factor > SMALL_FACTOR:
+            size = f"{item.size[0]}x{item.size[1]}"
+            if small_images == "skip":
+                scan.skipped.append(
+                    Problem(
+                        path,
+                        f"too small: {size} is under half the training resolution "
+                        f"(needs {factor:.1f}x to fill {bucket[0]}x{bucket[1]}); "
+                        "set dataset.small_images=upscale to use it",
+                    )
+                )
+                continue
+            item.notes.append(f"small: {size} upscaled {factor:.1f}x (blurs the style)")
+        for note in item.notes:
+            scan.warnings.append(Problem(path, note))
+        caption = _caption(path, listings[path.parent], caption_ext, trigger, scan, sidecar_users)
         if caption is None:
-            caption = caption_template.format(trigger=trigger)
-        scan.examples.append(Example(path, caption_with_trigger(caption, trigger)))
-    if not scan.examples:
-        detail = f" ({len(scan.skipped)} unreadable)" if scan.skipped else ""
-        raise SdloraError(
-            f"dataset folder {root} has no usable images{detail}; add .jpg/.png/.webp/.bmp files"
+            caption = template_caption(caption_template, trigger, name=path.stem)
+            scan.warnings.append(Problem(path, f"no caption; using {caption!r}"))
+        else:
+            captioned += 1
+        final = caption_with_trigger(caption, trigger)
+        tokens = clip_token_estimate(final)
+        if tokens > CLIP_MAX_TOKENS:
+            scan.warnings.append(
+                Problem(
+                    path,
+                    f"caption too long: at least {tokens} CLIP tokens; the text encoder "
+                    f"ignores all past {CLIP_MAX_TOKENS}",
+                )
+            )
+        scan.examples.append(Example(path, final, item.size, bucket, item.repeats, item.sha256))
+    _default_repeats(scan, repeats)
+    if not captioned and scan.examples:
+        _warn_other_caption_extensions(scan, listings, caption_ext)
+    if 0 < len(scan.examples) < MIN_IMAGES:
+        scan.warnings.append(
+            Problem(
+                root,
+                f"only {len(scan.examples)} usable images; {MIN_IMAGES}-100 images of one style "
+                "train a more general LoRA",
+            )
         )
     return scan
 
 
-def _image_files(root: Path) -> list[Path]:
-    files = []
-    for path in sorted(root.rglob("*")):
-        parts = path.relative_to(root).parts
-        if any(p.startswith(".") or p in IGNORED_NAMES for p in parts):
+def _walk(root: Path) -> tuple[list[tuple[Path, int]], dict[Path, dict[str, str]]]:
+    """(image path, folder repeats) in sorted order, and each folder's {lowercase name: name}."""
+    files: list[tuple[Path, int]] = []
+    listings: dict[Path, dict[str, str]] = {}
+    visited: set[tuple[int, int]] = set()
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        folder_path = Path(folder)
+        st = folder_path.stat()
+        if (st.st_dev, st.st_ino) in visited:  # a symlink loop or a second link to a folder
+            dirnames.clear()
             continue
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            files.append(path)
-    return files
+        visited.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+        names = sorted(n for n in filenames if not _ignored(n))
+        listings[folder_path] = {n.lower(): n for n in names}
+        repeats = _folder_repeats(folder_path.relative_to(root))
+        for name in names:
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                files.append((folder_path / name, repeats))
+    return files, listings
 
 
-def read_caption(image: Path, caption_ext: str, scan: Scan) -> str | None:
-    """The caption beside `image` (UTF-8, BOM stripped, lines joined with ', '), or None."""
-    sidecar = image.with_suffix(caption_ext)
-    if not sidecar.is_file():
-        return None
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def _folder_repeats(relative: Path) -> int:
+    """Repeats from the nearest `N_name` folder of `relative`; 0 when none says."""
+    for part in reversed(relative.parts):
+        match = REPEAT_FOLDER.match(part)
+        if match and int(match.group(1)) > 0:
+            return int(match.group(1))
+    return 0
+
+
+def _inspect(path: Path, repeats: int, background, max_pixels: int) -> _Inspected:
+    item = _Inspected(path, repeats)
     try:
-        text = sidecar.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        scan.warnings.append(Problem(sidecar, "caption is not UTF-8; the fallback caption is used"))
-        return None
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return ", ".join(lines) if lines else None
+        data = path.read_bytes()
+        decoded = open_rgb(path, background, max_pixels)
+    except ImageProblem as e:
+        item.problem = e.reason
+        return item
+    except OSError as e:  # a broken link, a permission error
+        item.problem = f"unreadable: {e.strerror or e}"
+        return item
+    item.size, item.notes = decoded.image.size, decoded.notes
+    item.sha256 = hashlib.sha256(data).hexdigest()
+    return item
 
 
-def caption_with_trigger(caption: str, trigger: str) -> str:
-    """Put `trigger` first unless the caption already contains it as a tag or word."""
-    caption = caption.strip()
-    tags = [t.strip().lower() for t in caption.split(",")]
-    words = caption.lower().replace(",", " ").split()
-    if trigger.lower() in tags or trigger.lower() in words:
+def _caption(path, listing, caption_ext, trigger, scan, sidecar_users) -> str | None:
+    """The sidecar caption of `path` (`a.png.txt` first, then `a.txt`), or None."""
+    for name in (path.name + caption_ext, path.stem + caption_ext):
+        actual = listing.get(name.lower())
+        if actual is None:
+            continue
+        sidecar = path.parent / actual
+        if sidecar in sidecar_users:
+            other = sidecar_users[sidecar].name
+            scan.warnings.append(Problem(path, f"shares the caption {actual} with {other}"))
+        sidecar_users.setdefault(sidecar, path)
+        try:
+            caption = read_caption_file(sidecar)
+        except CaptionProblem as e:
+            scan.warnings.append(Problem(sidecar, e.reason))
+            return None
+        if not caption:
+            scan.warnings.append(Problem(sidecar, "caption file is empty"))
+            return None
+        if trigger and not has_trigger(caption, trigger):
+            scan.warnings.append(Problem(path, "caption lacks the trigger word; it is put first"))
         return caption
-    return f"{trigger}, {caption}" if caption else trigger
+    return None
+
+
+def _warn_other_caption_extensions(scan: Scan, listings, caption_ext: str) -> None:
+    """The loud warning when no sidecar matched but same-named files with another end exist."""
+    stems = {(e.path.parent, e.path.stem.lower()) for e in scan.examples}
+    others = Counter()
+    for folder, listing in listings.items():
+        for name in listing.values():
+            suffix = Path(name).suffix.lower()
+            if suffix in IMAGE_EXTENSIONS or suffix == caption_ext.lower():
+                continue
+            if (folder, Path(name).stem.lower()) in stems:
+                others[suffix or name] += 1
+    if others:
+        ext, count = others.most_common(1)[0]
+        scan.warnings.insert(
+            0,
+            Problem(
+                scan.root,
+                f"NO CAPTIONS USED: no file ends in {caption_ext}, but {count} files named like "
+                f"the images end in {ext}; if they are captions, set dataset.caption_ext={ext}",
+            ),
+        )
+
+
+def auto_repeats(image_count: int) -> int:
+    """Repeats for a folder of `image_count` images: about EPOCH_TARGET images per epoch."""
+    return max(1, round(EPOCH_TARGET / max(1, image_count)))
+
+
+def _default_repeats(scan: Scan, repeats: int) -> None:
+    """Give images outside `N_name` folders `repeats`, or the automatic value when it is 0."""
+    unset = sum(1 for e in scan.examples if e.repeats == 0)
+    value = repeats or auto_repeats(unset)
+    scan.examples = [
+        e if e.repeats else Example(e.path, e.caption, e.size, e.bucket, value, e.sha256)
+        for e in scan.examples
+    ]
+
+
+def epoch_plan(scan: Scan, steps: int, batch_size: int, grad_accum: int = 1) -> str:
+    """One line: images, repeats, images per epoch, steps and the epochs they make."""
+    per_epoch = sum(e.repeats for e in scan.examples)
+    repeats = sorted({e.repeats for e in scan.examples})
+    shown = str(repeats[0]) if len(repeats) == 1 else f"{repeats[0]}-{repeats[-1]}"
+    epochs = steps * batch_size * grad_accum / max(1, per_epoch)
+    return (
+        f"{len(scan.examples)} images x {shown} repeats = {per_epoch} per epoch; "
+        f"{steps} steps x batch {batch_size * grad_accum} = {epochs:.1f} epochs"
+    )
+
+
+def summarise_problems(scan: Scan, limit: int = 3) -> list[str]:
+    """Report lines: every skipped file; warnings with the same reason grouped past `limit`."""
+    lines = [f"skipped {_rel(p.path, scan.root)}: {p.reason}" for p in scan.skipped]
+    groups: dict[str, list[Path]] = {}
+    for p in scan.warnings:
+        groups.setdefault(p.reason, []).append(p.path)
+    for reason, paths in groups.items():
+        names = [_rel(path, scan.root) for path in paths]
+        if len(names) > limit:
+            shown = ", ".join(names[:limit])
+            lines.append(f"warning: {reason} ({len(names)} files: {shown}, ...)")
+        else:
+            lines += [f"warning {name}: {reason}" for name in names]
+    return lines
+
+
+def load_pixels(
+    scan: Scan,
+    example: Example,
+    crop: str = "center",
+    flip: bool = False,
+    rng: random.Random | None = None,
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pixels (3, H, W) in [-1, 1] at the example's bucket, and the crop's (top, left)."""
+    try:
+        decoded = open_rgb(example.path, scan.background, scan.max_pixels)
+    except ImageProblem as e:
+        raise SdloraError(f"{example.path} changed during training: {e.reason}") from None
+    return fit_to_bucket(decoded.image, example.bucket, crop, rng, flip)
 
 
 def tag_frequency(scan: Scan) -> dict[str, dict[str, int]]:
     """`{folder_name: {tag: count}}` over the captions, as sd-scripts records it."""
-    counts: dict[str, int] = {}
+    counts: dict[str, dict[str, int]] = {}
     for example in scan.examples:
-        for tag in example.caption.split(","):
-            tag = tag.strip().lower()
-            if tag:
-                counts[tag] = counts.get(tag, 0) + 1
-    return {scan.root.name: counts}
+        folder = example.path.parent
+        name = scan.root.name if folder == scan.root else _rel(folder, scan.root)
+        tags = counts.setdefault(name, {})
+        for tag in split_tags(example.caption.lower()):
+            tags[tag] = tags.get(tag, 0) + 1
+    return counts
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """Decode `path` to RGB, resize the short side to `resolution`, centre-crop a square.
+def folder_counts(scan: Scan) -> dict[str, dict[str, int]]:
+    """`{folder: {"n_repeats": r, "img_count": n}}` (sd-scripts' `ss_dataset_dirs`)."""
+    dirs: dict[str, dict[str, int]] = {}
+    for example in scan.examples:
+        folder = example.path.parent
+        name = scan.root.name if folder == scan.root else _rel(folder, scan.root)
+        entry = dirs.setdefault(name, {"n_repeats": example.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return dirs
 
-    EXIF rotation is applied and transparency is composited on white. Returns a float tensor
-    (3, resolution, resolution) in [-1, 1].
-    """
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "P"):
-            rgba = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        img = img.convert("RGB")
-    scale = resolution / min(img.size)
-    size = (max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale)))
-    img = img.resize(size, Image.Resampling.LANCZOS)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
-    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)

@@ -7,6 +7,7 @@ The per-step maths is `diffusion_loss()`.
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +20,20 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from sdlora import export
-from sdlora.config import Config, config_to_toml, load_config
-from sdlora.dataset import Problem, Scan, load_image, scan_folder, tag_frequency
+from sdlora.buckets import bucket_batches
+from sdlora.cache import LatentCache, TextCache
+from sdlora.captions import augment_caption
+from sdlora.config import Config, DatasetConfig, config_to_toml, load_config
+from sdlora.dataset import (
+    Problem,
+    Scan,
+    epoch_plan,
+    folder_counts,
+    scan_folder,
+    summarise_problems,
+    tag_frequency,
+)
+from sdlora.decode import parse_colour
 from sdlora.errors import SdloraError
 from sdlora.images import save_grid
 from sdlora.lora import (
@@ -81,8 +94,9 @@ def train(
             "or set output.overwrite=true"
         )
 
-    # Data first: a bad folder fails before any model loads.
-    scan = scan_folder(c_data.path, c_data.trigger, c_data.caption_ext, c_data.caption_template)
+    # Data first: every file decoded, a bad folder fails before any model loads.
+    scan = scan_dataset(c_data)
+    scan.require_examples()
 
     # Devices and precision.
     if c_train.device == "cuda" and not torch.cuda.is_available():
@@ -97,7 +111,13 @@ def train(
     device = accelerator.device
 
     # The frozen base, with LoRA layers on its attention.
-    base = load_base(config.model.base, config.model.family, seed=c_train.seed)
+    base = load_base(
+        config.model.base,
+        config.model.family,
+        seed=c_train.seed,
+        config_dir=config.model.config_dir,
+        allow_pickle=config.model.allow_pickle,
+    )
     torch.manual_seed(c_train.seed)
     inject_lora(base.unet, c_lora.rank, c_lora.alpha, UNET_TARGET_PRESETS[c_lora.unet_targets])
     train_te = c_lora.text_encoder and (
@@ -115,13 +135,17 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
     print(f"sdlora: training {base.family} LoRA on {len(scan.examples)} images -> {run_dir}")
-    for problem in scan.skipped:
-        print(f"  skipped {problem.path}: {problem.reason}")
+    print(f"  {epoch_plan(scan, c_train.steps, c_train.batch_size, c_train.grad_accum)}")
+    print(f"  buckets: {', '.join(f'{b} ({n})' for b, n in scan.bucket_counts().items())}")
+    for line in summarise_problems(scan):
+        print(f"  {line}")
 
-    # Latents are computed once: the VAE is frozen.
-    latents = encode_images(base, scan, c_data.resolution, device)  # (N, 4, H/8, W/8)
-    captions = [e.caption for e in scan.examples]
-    text_cache = None if train_te else encode_text(base, captions, device)
+    # Frozen models' outputs are computed once: latents per image and flip, text per caption.
+    cache_dir = Path(c_data.cache_dir) if c_data.cache_dir else None
+    latents = LatentCache(base.vae, scan, device, cache_dir, enabled=c_data.cache_latents)
+    if c_data.crop == "center":
+        latents.fill(scan.examples, (False, True) if c_data.flip else (False,))
+    text_for = TextCache(lambda captions: encode_text(base, captions, device), not train_te)
 
     # Optimizer and learning-rate schedule.
     groups = [{"params": lora_parameters(base.unet), "lr": c_train.lr}]
@@ -146,7 +170,13 @@ def train(
     writer = _tensorboard(run_dir / "logs")
     data_gen = torch.Generator().manual_seed(c_train.seed)
     noise_gen = torch.Generator().manual_seed(c_train.seed + 1)
-    order = _batches(len(scan.examples) * c_data.repeats, c_train.batch_size, data_gen)
+    order = bucket_batches(
+        [e.bucket for e in scan.examples],
+        [e.repeats for e in scan.examples],
+        c_train.batch_size,
+        data_gen,
+    )
+    augment_rng = random.Random(c_train.seed)  # flips, random crops, caption variants
     losses: list[float] = []
     started = time.time()
     bar = tqdm(total=c_train.steps, desc="train", unit="step", disable=not progress)
@@ -156,13 +186,13 @@ def train(
         for step in range(1, c_train.steps + 1):
             step_loss = 0.0
             for _ in range(c_train.grad_accum):
-                idx = next(order) % len(scan.examples)
+                idx = next(order)
                 with accelerator.accumulate(*trainable):
-                    batch_latents = latents[idx].to(device)
-                    if text_cache is None:
-                        text, pooled = encode_text(base, [captions[i] for i in idx], device)
-                    else:
-                        text, pooled = text_cache[0][idx], _index(text_cache[1], idx)
+                    batch_latents, captions, geometry = _batch(
+                        scan, idx, latents, c_data, augment_rng
+                    )
+                    batch_latents = batch_latents.to(device)  # (B, 4, H/8, W/8), one bucket
+                    text, pooled = text_for(captions)
                     noise = torch.randn(batch_latents.shape, generator=noise_gen).to(device)
                     timesteps = torch.randint(
                         0,
@@ -178,7 +208,7 @@ def train(
                             text,
                             noise,
                             timesteps,
-                            _added_cond(base, pooled, c_data.resolution, device),
+                            _added_cond(base, pooled, geometry, device),
                         )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and c_train.max_grad_norm > 0:
@@ -189,7 +219,7 @@ def train(
                     optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.item() / c_train.grad_accum
             if not torch.isfinite(torch.tensor(step_loss)):
-                names = ", ".join(scan.examples[i].path.name for i in idx.tolist())
+                names = ", ".join(scan.examples[i].path.name for i in idx)
                 raise SdloraError(
                     f"loss became {step_loss} at step {step} (batch: {names}); "
                     "lower train.lr or use train.mixed_precision=no"
@@ -237,15 +267,43 @@ def train(
     return TrainResult(run_dir, lora_path, base, samples, losses, scan.skipped)
 
 
-def encode_images(base: Base, scan: Scan, resolution: int, device) -> torch.Tensor:
-    """VAE latents of every example, scaled by the VAE's own factor, kept on the CPU."""
-    latents = []
-    scale = base.vae.config.scaling_factor
-    with torch.no_grad():
-        for example in scan.examples:
-            pixels = load_image(example.path, resolution).unsqueeze(0).to(device)  # (1, 3, H, W)
-            latents.append(base.vae.encode(pixels).latent_dist.mean.cpu() * scale)
-    return torch.cat(latents)
+def scan_dataset(c_data: DatasetConfig) -> Scan:
+    """The preflight scan of `dataset.path` with the config's settings."""
+    return scan_folder(
+        c_data.path,
+        c_data.trigger,
+        resolution=c_data.resolution,
+        caption_ext=c_data.caption_ext,
+        caption_template=c_data.caption_template,
+        repeats=c_data.repeats,
+        buckets=c_data.buckets,
+        small_images=c_data.small_images,
+        background=parse_colour(c_data.background),
+        max_pixels=c_data.max_pixels,
+    )
+
+
+def _batch(scan: Scan, idx: list[int], latents: LatentCache, c_data: DatasetConfig, rng):
+    """Latents (B, 4, H/8, W/8), this step's caption variants and SDXL's size conditioning."""
+    rows, captions, geometry = [], [], []
+    for i in idx:
+        example = scan.examples[i]
+        flip = c_data.flip and rng.random() < 0.5
+        latent, crop = latents.get(example, flip, c_data.crop, rng)
+        rows.append(latent)
+        captions.append(
+            augment_caption(
+                example.caption,
+                rng,
+                keep_tokens=c_data.keep_tokens,
+                shuffle=c_data.shuffle_tags,
+                tag_dropout=c_data.tag_dropout,
+                caption_dropout=c_data.caption_dropout,
+            )
+        )
+        width, height = example.size
+        geometry.append((height, width, *crop, example.bucket[1], example.bucket[0]))
+    return torch.cat(rows), captions, geometry
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -273,25 +331,12 @@ def encode_text(
     return text, out_2.text_embeds
 
 
-def _added_cond(base: Base, pooled, resolution: int, device) -> dict | None:
+def _added_cond(base: Base, pooled, geometry: list[tuple], device) -> dict | None:
     if base.family != "sdxl":
         return None
-    # time ids: original size, crop top-left, target size (images are centre-cropped squares).
-    ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=pooled.dtype)
-    return {"text_embeds": pooled, "time_ids": ids.repeat(pooled.shape[0], 1).to(device)}
-
-
-def _index(tensor, idx):
-    return None if tensor is None else tensor[idx]
-
-
-def _batches(n: int, batch_size: int, generator: torch.Generator):
-    """Endless batches of indices in [0, n): a fresh shuffle every epoch."""
-    batch_size = min(batch_size, n)
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield perm[start : start + batch_size]
+    # time ids per image: original (h, w), crop (top, left), target (h, w) = its bucket.
+    ids = torch.tensor(geometry, dtype=pooled.dtype)
+    return {"text_embeds": pooled, "time_ids": ids.to(device)}
 
 
 def collect_lora(base: Base, accelerator: Accelerator) -> Lora:
@@ -342,7 +387,7 @@ def training_metadata(config: Config, scan: Scan, started: float, train_te: bool
         "text_encoder_lr": str(te_lr),
         "steps": str(t.steps),
         "max_train_steps": str(t.steps),
-        "epoch": str(max(1, t.steps * t.batch_size * t.grad_accum // len(scan.examples))),
+        "epoch": str(max(1, t.steps * t.batch_size * t.grad_accum // _per_epoch(scan))),
         "optimizer": "torch.optim.AdamW",
         "lr_scheduler": t.lr_scheduler,
         "lr_warmup_steps": str(t.warmup_steps),
@@ -352,9 +397,15 @@ def training_metadata(config: Config, scan: Scan, started: float, train_te: bool
         "gradient_accumulation_steps": str(t.grad_accum),
         "max_grad_norm": str(t.max_grad_norm),
         "num_train_images": str(len(scan.examples)),
-        "dataset_dirs": json.dumps(
-            {scan.root.name: {"n_repeats": config.dataset.repeats, "img_count": len(scan.examples)}}
-        ),
+        "dataset_dirs": json.dumps(folder_counts(scan)),
+        "enable_bucket": str(config.dataset.buckets),
+        "bucket_info": json.dumps({"buckets": scan.bucket_counts()}),
+        "flip_aug": str(config.dataset.flip),
+        "random_crop": str(config.dataset.crop == "random"),
+        "shuffle_caption": str(config.dataset.shuffle_tags),
+        "keep_tokens": str(config.dataset.keep_tokens),
+        "caption_dropout_rate": str(config.dataset.caption_dropout),
+        "caption_tag_dropout_rate": str(config.dataset.tag_dropout),
         "training_started_at": str(started),
         "training_finished_at": str(time.time()),
         "clip_skip": "None",
@@ -368,3 +419,7 @@ def _tensorboard(log_dir: Path):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(log_dir))
+
+
+def _per_epoch(scan: Scan) -> int:
+    return max(1, sum(e.repeats for e in scan.examples))

@@ -1,0 +1,150 @@
+"""Decoding a user's image file into 8-bit RGB, whatever mode, depth or orientation it has.
+
+Every training image goes through `open_rgb`: EXIF orientation applied (so the size seen by the
+buckets is the size trained on), the first frame of an animation, transparency composited on a
+background colour (the hidden colour under transparent pixels is never trained on), palette,
+grey, CMYK and 16-bit images converted (16-bit values are scaled, never clipped to white), and
+our own pixel cap checked before the pixels are decoded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageColor, ImageFile, ImageOps, UnidentifiedImageError
+
+# A truncated file must fail loudly, never train on a half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+DEFAULT_MAX_PIXELS = 100_000_000
+"""About 10000 x 10000: far above any training image, far below what exhausts memory."""
+
+# Pillow's format names for the allowlisted extensions.
+FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF", "MPO": "JPEG"}
+EXTENSION_FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".webp": "WebP",
+    ".bmp": "BMP",
+    ".gif": "GIF",
+}
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+class ImageProblem(Exception):
+    """A file that cannot be trained on; `reason` is worded for the user."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Decoded:
+    """An image ready to crop: RGB pixels plus what was done to get them (for the report)."""
+
+    image: Image.Image
+    format: str
+    notes: list[str] = field(default_factory=list)
+    """Warnings for the report: animated, 16-bit, transparency, format/extension mismatch."""
+
+
+def parse_colour(text: str) -> tuple[int, int, int]:
+    """`white`, `#808080` or `rgb(0,0,0)` as an RGB triple; ValueError names the bad text."""
+    try:
+        colour = ImageColor.getrgb(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a colour (use a name such as white or #rrggbb)"
+        ) from None
+    return colour[:3]
+
+
+def open_rgb(
+    path: Path,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Decoded:
+    """Fully decode `path` into 8-bit RGB; raises ImageProblem with a reason otherwise."""
+    if path.stat().st_size == 0:
+        raise ImageProblem("unreadable: empty (0-byte) file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError:
+            raise ImageProblem(_too_many_pixels(path, None, max_pixels)) from None
+        except UnidentifiedImageError:
+            raise ImageProblem("unreadable: not an image Pillow can decode") from None
+        except OSError as e:
+            raise ImageProblem(f"unreadable: {e}") from None
+    with img:
+        if img.width * img.height > max_pixels:
+            raise ImageProblem(_too_many_pixels(path, img.size, max_pixels))
+        notes = []
+        fmt = FORMATS.get(img.format or "", img.format or "unknown")
+        expected = EXTENSION_FORMATS.get(path.suffix.lower())
+        if expected and expected != fmt:
+            notes.append(f"a {fmt} file named {path.suffix}; decoded as {fmt}")
+        frames = getattr(img, "n_frames", 1)
+        if frames > 1:
+            notes.append(f"animated ({frames} frames); the first frame is used")
+        sixteen_bit = _is_sixteen_bit(img)  # read before load(), which clears img.tile
+        if sixteen_bit:
+            notes.append("16-bit image; scaled to 8 bits")
+        try:
+            img.load()  # the full decode: verify() passes truncated JPEGs
+            rgb = _to_rgb(ImageOps.exif_transpose(img), background, sixteen_bit, notes)
+        except OSError as e:
+            if "truncated" in str(e) or "broken" in str(e):
+                raise ImageProblem(f"truncated: {e}") from None
+            raise ImageProblem(f"unreadable: {e}") from None
+        except (SyntaxError, ValueError, EOFError) as e:  # Pillow's corrupt-data errors
+            raise ImageProblem(f"unreadable: {e.__class__.__name__}: {e}") from None
+    return Decoded(rgb, fmt, notes)
+
+
+def _too_many_pixels(path: Path, size, max_pixels: int) -> str:
+    declared = f"declares {size[0]}x{size[1]} pixels, " if size else "declares too many pixels, "
+    return (
+        f"too large: {path.name} {declared}over the cap of {max_pixels:,} "
+        "(possible decompression bomb; raise dataset.max_pixels if the image is genuine)"
+    )
+
+
+def _is_sixteen_bit(img: Image.Image) -> bool:
+    if img.mode in SIXTEEN_BIT_MODES:
+        return True
+    rawmode = img.tile[0].args if img.tile else None
+    return isinstance(rawmode, str) and ";16" in rawmode
+
+
+def _to_rgb(
+    img: Image.Image, background: tuple[int, int, int], sixteen_bit: bool, notes: list[str]
+) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; transparent pixels land on `background`."""
+    if img.mode in SIXTEEN_BIT_MODES or img.mode == "F":
+        img = Image.fromarray(_scale_to_8_bit(np.asarray(img), sixteen_bit))  # mode L
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] < 255:
+            notes.append("has transparency; composited on the background colour")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")  # P, L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _scale_to_8_bit(array: np.ndarray, sixteen_bit: bool) -> np.ndarray:
+    """16-bit (or 32-bit int/float) grey to 0..255 by scaling the format's range, not clipping."""
+    if array.dtype.kind == "f":
+        top = 1.0 if array.max(initial=0) <= 1.0 else float(array.max())
+    elif sixteen_bit or array.max(initial=0) > 255:
+        top = 65535.0
+    else:
+        top = 255.0
+    return np.clip(array.astype(np.float64) * (255.0 / top) + 0.5, 0, 255).astype(np.uint8)

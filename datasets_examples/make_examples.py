@@ -2,7 +2,12 @@
 
 `stripes/`: 12 images of simple shapes painted in one style: wide diagonal stripes in a
 magenta / teal / gold palette. Each image has a caption naming its subject only; the trigger
-word (`zkstripes` in configs/demo.toml) is added by sdlora at training time.
+word (`zkstripes`) is added by sdlora at training time.
+
+`bands/`: 12 images (32 px) for the shipped micro model, in its vocabulary (`sdlora/shapes.py`):
+a white, black or blue shape on the left, in the middle or on the right, over wide diagonal
+bands of magenta, teal and orange instead of a plain background. Bands are at least two latent
+cells (8 px) across, so the micro VAE keeps them. Trigger word `zkbands` (configs/demo.toml).
 
     python datasets_examples/make_examples.py
 """
@@ -13,6 +18,8 @@ import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from sdlora import shapes
 
 SIZE = 96
 PALETTE = [(208, 48, 138), (26, 154, 154), (242, 193, 46)]
@@ -56,5 +63,41 @@ def make_stripes(folder: Path, count: int = 12, seed: int = 7) -> None:
         (folder / f"{name}.txt").write_text(f"a {colour_name} {shape}\n", encoding="utf-8")
 
 
+BANDS_PALETTE = [(210, 50, 150), (20, 150, 150), (245, 140, 30)]
+BANDS_SUBJECTS = ("white", "black", "blue")
+
+
+def bands(size: int, width: float, offset: int) -> Image.Image:
+    """Diagonal bands cycling through BANDS_PALETTE, `width` pixels wide along x."""
+    img = Image.new("RGB", (size, size))
+    px = img.load()
+    for y in range(size):
+        for x in range(size):
+            px[x, y] = BANDS_PALETTE[int((x + y + offset) // width) % len(BANDS_PALETTE)]
+    return img
+
+
+def make_bands(folder: Path, count: int = 12, seed: int = 11) -> None:
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    scale = shapes.SUPERSAMPLE  # bands drawn at the size shapes are drawn at
+    positions = list(shapes.POSITIONS)
+    for i in range(count):
+        scene = shapes.Scene(
+            colour=BANDS_SUBJECTS[(i // len(SHAPES)) % len(BANDS_SUBJECTS)],
+            shape=SHAPES[i % len(SHAPES)],
+            position=positions[(i + i // len(SHAPES)) % len(positions)],
+        )
+        background = bands(
+            shapes.SIZE * scale, rng.uniform(11, 13) * scale, rng.randrange(40 * scale)
+        )
+        image = shapes.draw(scene, rng, background=background)
+        name = f"{i:02d}_{scene.colour}_{scene.shape}_{scene.position}"
+        image.save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
+
+
 if __name__ == "__main__":
-    make_stripes(Path(__file__).resolve().parent / "stripes")
+    root = Path(__file__).resolve().parent
+    make_stripes(root / "stripes")
+    make_bands(root / "bands")

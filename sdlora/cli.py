@@ -65,6 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg", type=float, default=7.5)
     p.add_argument("--size", type=_size, default=None, metavar="WxH")
     p.add_argument("--num", type=int, default=1)
+
+    p = sub.add_parser("inspect", help="family, ranks, triggers, hashes and metadata of a LoRA")
+    p.add_argument("file", type=Path)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--allow-pickle", action="store_true", help="read a pickle file (weights only)")
+
+    p = sub.add_parser("export", help="convert a LoRA between kohya and diffusers formats")
+    p.add_argument("file", type=Path)
+    p.add_argument("--format", required=True, choices=("kohya", "diffusers"))
+    p.add_argument("-o", "--out", required=True, type=Path, help="output .safetensors file")
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"), help="if undetectable")
+    p.add_argument("--allow-pickle", action="store_true", help="read a pickle file (weights only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
 
 
@@ -118,6 +132,53 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    import json
+
+    from sdlora.lorafile import inspect_lora
+
+    info = inspect_lora(args.file, allow_pickle=args.allow_pickle)
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    modules = ", ".join(f"{c} {n}" for c, n in info["modules"].items() if n)
+    sure = (
+        " (unsure: " + "; ".join(info["family_evidence"]) + ")" if info["family_ambiguous"] else ""
+    )
+    print(f"file:        {info['file']} ({info['format']})")
+    print(f"family:      {info['family'] or 'unknown'}{sure}")
+    print(f"prediction:  {info['prediction_type']}")
+    print(f"modules:     {modules}")
+    print(f"rank/alpha:  {info['ranks']} / {info['alphas']}")
+    print(f"triggers:    {', '.join(info['trigger_words']) or '-'}")
+    print(f"AutoV2:      {info['hashes']['autov2']}   AutoV3: {info['hashes']['autov3']}")
+    for key in sorted(info["metadata"]):
+        value = info["metadata"][key]
+        print(f"  {key} = {value if len(value) <= 100 else value[:97] + '...'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from sdlora.export import save_lora
+    from sdlora.lorafile import read_lora
+
+    if args.out.exists() and not args.overwrite:
+        raise SdloraError(f"{args.out} already exists; pass --overwrite or choose another -o")
+    if args.out.resolve() == args.file.resolve():
+        raise SdloraError("the output file is the input file; choose another -o")
+    lora = read_lora(args.file, allow_pickle=args.allow_pickle)
+    family = args.family or lora.family
+    if family is None:
+        raise SdloraError(f"the family of {args.file} cannot be told; pass --family")
+    metadata = {
+        k: v for k, v in lora.metadata.items() if not k.startswith(("sshs_", "lora_adapter"))
+    }
+    metadata.pop("modelspec.hash_sha256", None)
+    save_lora(args.out, lora, family, args.format, metadata, args.dtype)
+    print(args.out)
+    return 0
+
+
 def _print_result(result) -> None:
     print(f"LoRA:    {result.lora_path}")
     print(f"samples: {result.run_dir / 'samples'}")
@@ -126,4 +187,10 @@ def _print_result(result) -> None:
         print(f"skipped {len(result.skipped)} file(s); see {result.run_dir / 'run.json'}")
 
 
-COMMANDS = {"train": cmd_train, "demo": cmd_demo, "generate": cmd_generate}
+COMMANDS = {
+    "train": cmd_train,
+    "demo": cmd_demo,
+    "generate": cmd_generate,
+    "inspect": cmd_inspect,
+    "export": cmd_export,
+}

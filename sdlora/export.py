@@ -12,53 +12,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import struct
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
 import safetensors.torch
 import torch
+from peft import LoraConfig
 
 from sdlora.families import FAMILIES
 from sdlora.lora import Lora
+from sdlora.lorafile import sha256_after_header
+from sdlora.naming import kohya_name
 
-KOHYA_PREFIXES = {
-    "sd": {"unet": "lora_unet", "text_encoder": "lora_te"},
-    "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
-}
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_TAGS_PER_DIR = 500
 MAX_TAG_CHARS = 200
 MODELSPEC_VERSION = "1.0.1"
-
-
-def kohya_prefixes(family: str) -> dict[str, str]:
-    """Component -> kohya key prefix for `family`."""
-    return KOHYA_PREFIXES["sdxl" if family == "sdxl" else "sd"]
-
-
-def kohya_name(component: str, path: str, family: str) -> str:
-    """The kohya module name sd-scripts writes for a diffusers module path."""
-    if component == "unet" and family == "sdxl":
-        path = diffusers_to_sai_unet_path(path)
-    elif component != "unet" and not path.startswith("text_model."):
-        path = "text_model." + path
-    return kohya_prefixes(family)[component] + "_" + path.replace(".", "_")
-
-
-def diffusers_to_sai_unet_path(path: str) -> str:
-    """Map an SDXL UNet attention path from diffusers layout to the SAI (LDM) block names."""
-    if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", path):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"input_blocks.{3 * i + j + 1}.1.{rest}"
-    if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", path):
-        i, j, rest = int(m[1]), int(m[2]), m[3]
-        return f"output_blocks.{3 * i + j}.1.{rest}"
-    if m := re.match(r"mid_block\.attentions\.0\.(.*)", path):
-        return f"middle_block.1.{m[1]}"
-    raise ValueError(f"no SAI name for SDXL UNet module {path!r}")
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+FORMATS = ("kohya", "diffusers")
 
 
 def to_kohya_state_dict(lora: Lora, family: str, dtype: str = "fp16") -> dict[str, torch.Tensor]:
@@ -147,12 +119,6 @@ def safetensors_hashes(
     }
 
 
-def sha256_after_header(data: bytes) -> str:
-    """sha256 of a safetensors file's tensor bytes (independent of its metadata)."""
-    header_len = struct.unpack("<Q", data[:8])[0]
-    return hashlib.sha256(data[8 + header_len :]).hexdigest()
-
-
 def write_atomic(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file in the same folder, then rename."""
     path = Path(path)
@@ -180,3 +146,54 @@ def _cap_tags(tag_frequency: dict[str, dict[str, int]]) -> dict[str, dict[str, i
         top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:MAX_TAGS_PER_DIR]
         capped[folder] = {tag[:MAX_TAG_CHARS]: n for tag, n in top}
     return capped
+
+
+def to_diffusers_state_dict(
+    lora: Lora, dtype: str = "fp16"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and metadata of a diffusers/peft file (`pytorch_lora_weights.safetensors`).
+
+    diffusers files carry no alpha tensor: each component's rank and alpha go into the
+    `lora_adapter_metadata` JSON as a peft LoraConfig, with per-module patterns where they differ.
+    """
+    torch_dtype = SAVE_DTYPES[dtype]
+    tensors = {}
+    configs: dict[str, object] = {}
+    for component in sorted(lora.components):
+        modules = lora.components[component]
+        for path, module in modules.items():
+            tensors[f"{component}.{path}.lora_A.weight"] = module.down.to(torch_dtype).contiguous()
+            tensors[f"{component}.{path}.lora_B.weight"] = module.up.to(torch_dtype).contiguous()
+        rank = _most_common([m.rank for m in modules.values()])
+        alpha = _most_common([m.alpha for m in modules.values()])
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=sorted(modules),
+            rank_pattern={p: m.rank for p, m in modules.items() if m.rank != rank},
+            alpha_pattern={p: m.alpha for p, m in modules.items() if m.alpha != alpha},
+        ).to_dict()
+        for key, value in config.items():
+            configs[f"{component}.{key}"] = sorted(value) if isinstance(value, set) else value
+    return tensors, {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(configs, sort_keys=True)}
+
+
+def save_lora(
+    path: str | Path,
+    lora: Lora,
+    family: str,
+    file_format: str = "kohya",
+    metadata: dict[str, str] | None = None,
+    dtype: str = "fp16",
+) -> Path:
+    """Write `lora` as a kohya (`sd-scripts`/Civitai) or diffusers file."""
+    metadata = dict(metadata or {})
+    if file_format == "kohya":
+        return save_kohya(path, lora, family, metadata, dtype)
+    tensors, own = to_diffusers_state_dict(lora, dtype)
+    metadata.update(own)
+    return write_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
+
+
+def _most_common(values: list):
+    return max(set(values), key=lambda v: (values.count(v), v))

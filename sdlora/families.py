@@ -7,6 +7,7 @@ type comes only from the scheduler config, metadata or the user.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -98,3 +99,76 @@ def family_from_diffusers_config(
 def same_architecture(a: str, b: str) -> bool:
     """sd2 and sd2-v share every shape; other families differ."""
     return a == b or {a, b} == {"sd2", "sd2-v"}
+
+
+@dataclass
+class Detection:
+    """What a file says about its family, and how sure that is."""
+
+    family: str | None
+    evidence: list[str]
+    ambiguous: bool = False
+    """True when structure could not decide and metadata (or nothing) did."""
+
+
+# Text-encoder hidden width -> family (the first text encoder for SDXL).
+TEXT_ENCODER_WIDTHS = {768: "sd1", 1024: "sd2", 32: "sd1", 48: "sd2"}
+METADATA_FAMILIES = {
+    "sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2-v", "sdxl_base_v1-0": "sdxl",
+    "stable-diffusion-v1/lora": "sd1", "stable-diffusion-v2-512/lora": "sd2",
+    "stable-diffusion-v2-768-v/lora": "sd2-v", "stable-diffusion-xl-v1-base/lora": "sdxl",
+}  # fmt: skip
+
+
+def family_from_metadata(metadata: dict[str, str]) -> str | None:
+    """Family named by sd-scripts' or ModelSpec metadata, if any."""
+    for key in ("modelspec.architecture", "ss_base_model_version"):
+        family = METADATA_FAMILIES.get(metadata.get(key, ""))
+        if family:
+            if family == "sd2" and metadata.get("modelspec.prediction_type") == "v":
+                return "sd2-v"
+            return family
+    if metadata.get("ss_v2") == "True":
+        return "sd2-v" if metadata.get("ss_v_parameterization") == "True" else "sd2"
+    return None
+
+
+def detect_lora_family(lora) -> Detection:
+    """Family of a canonical LoRA: structure first (widths, encoders, topology), metadata second."""
+    evidence: list[str] = []
+    structural: str | None = None
+    unet = lora.components.get("unet", {})
+    if "text_encoder_2" in lora.components:
+        structural = "sdxl"
+        evidence.append("has a second text encoder")
+    for path, module in unet.items():
+        if re.search(r"attn2\.to_[kv]$", path):
+            width = module.down.shape[1]
+            family = CROSS_ATTENTION_WIDTHS.get(width)
+            evidence.append(f"cross-attention input width {width}")
+            structural = structural or family
+            break
+    if structural is None and unet:
+        if any(
+            re.search(r"transformer_blocks\.[1-9]", p) or p.startswith("up_blocks.0.attentions")
+            for p in unet
+        ):
+            structural = "sdxl"
+            evidence.append("SDXL block topology")
+    te = lora.components.get("text_encoder", {})
+    if structural is None and te:
+        q = next((m for p, m in te.items() if p.endswith("q_proj")), None)
+        if q is not None and q.down.shape[1] in TEXT_ENCODER_WIDTHS:
+            structural = TEXT_ENCODER_WIDTHS[q.down.shape[1]]
+            evidence.append(f"text-encoder width {q.down.shape[1]}")
+    from_meta = family_from_metadata(lora.metadata)
+    if structural is None:
+        if from_meta:
+            evidence.append("metadata only")
+        return Detection(from_meta, evidence, ambiguous=True)
+    if structural == "sd2" and from_meta == "sd2-v":
+        return Detection("sd2-v", evidence + ["v-prediction from metadata"])
+    if structural == "sd2" and from_meta != "sd2":
+        # SD 2.x 512 and 768-v share every shape: without metadata this is a guess.
+        return Detection("sd2", evidence + ["prediction type unknown"], ambiguous=from_meta is None)
+    return Detection(structural, evidence)

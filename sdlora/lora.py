@@ -59,6 +59,8 @@ class Lora:
     """{"unet" | "text_encoder" | "text_encoder_2": {module_path: LoraModule}}."""
     family: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    file_format: str | None = None
+    """`kohya` or `diffusers` for a LoRA read from a file."""
 
     def modules(self):
         """(component, path, module) for every adapted module, in a stable order."""

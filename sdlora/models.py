@@ -6,6 +6,8 @@ Every loader returns one `Base` record: the pipeline components plus the family 
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +21,18 @@ from diffusers import (
 
 from sdlora import micro, tiny
 from sdlora.errors import SdloraError
-from sdlora.families import FAMILIES, family_from_diffusers_config
+from sdlora.families import (
+    FAMILIES,
+    Detection,
+    family_from_diffusers_config,
+    family_from_width,
+)
+from sdlora.lorafile import PICKLE_SUFFIXES, load_state_dict, read_safetensors_header
 
 TINY_PREFIX = "tiny:"
 MICRO = "micro"
+CONFIGS = Path(__file__).resolve().parent / "model_configs"
+CONFIG_FOLDERS = {"sd1": "sd15", "sd2": "sd21-base", "sd2-v": "sd21-768-v", "sdxl": "sdxl-base"}
 
 
 @dataclass
@@ -78,10 +88,18 @@ class Base:
         )
 
 
-def load_base(spec: str, family: str | None = None, seed: int = 0) -> Base:
-    """Load the base named by `spec`: `tiny:<family>`, a diffusers folder or a hub id.
+def load_base(
+    spec: str,
+    family: str | None = None,
+    seed: int = 0,
+    config_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+) -> Base:
+    """Load the base named by `spec`: `tiny:<family>`, a diffusers folder, a single-file
+    checkpoint (`.safetensors`, or `.ckpt` with `allow_pickle`) or a hub id.
 
     `family` overrides what the weights say (only sd2 vs sd2-v cannot be told from shapes).
+    `config_dir` replaces the built-in config folder a single-file checkpoint is read with.
     """
     if spec == MICRO:
         return _from_micro(family)
@@ -96,17 +114,66 @@ def load_base(spec: str, family: str | None = None, seed: int = 0) -> Base:
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_folder(path, family)
-    if path.exists():
-        raise SdloraError(
-            f"base {spec} is a file; single-file checkpoints are loaded through "
-            "`from_single_file`, which needs the family's config folder"
-        )
+    if path.is_file():
+        return _from_single_file(path, family, config_dir, allow_pickle)
     if _looks_like_hub_id(spec):
         return _from_hub(spec, family)
     raise SdloraError(
         f"base {spec!r} does not exist: pass a diffusers folder, a .safetensors checkpoint, "
         "a hub id (org/name) or a built-in model such as tiny:sd1"
     )
+
+
+def base_family(spec: str, family: str | None = None) -> str:
+    """The family of a base without loading its weights (configs or the file header only)."""
+    if family:
+        return family
+    if spec.startswith(TINY_PREFIX):
+        return spec[len(TINY_PREFIX) :]
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "unet" / "config.json").is_file():
+        unet = json.loads((path / "unet" / "config.json").read_text())
+        sched = path / "scheduler" / "scheduler_config.json"
+        prediction = (
+            json.loads(sched.read_text()).get("prediction_type", "epsilon")
+            if sched.is_file()
+            else "epsilon"
+        )
+        return family_from_diffusers_config(unet, (path / "text_encoder_2").is_dir(), prediction)
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        return checkpoint_family(path).family
+    return load_base(spec).family
+
+
+def checkpoint_family(path: Path) -> Detection:
+    """Family of a single-file checkpoint (original SAI/LDM layout) from its header alone."""
+    header, metadata = read_safetensors_header(path)
+    keys = list(header)
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_A." in k for k in keys[:50]):
+        raise SdloraError(f"{path} is a LoRA, not a base model; pass it with --lora")
+    to_k = next((k for k in keys if re.search(r"attn2\.to_k\.weight$", k)), None)
+    if to_k is None:
+        raise SdloraError(
+            f"{path} does not look like a Stable Diffusion checkpoint (no cross-attention weights)"
+        )
+    width = header[to_k]["shape"][1]
+    evidence = [f"cross-attention width {width}"]
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        return Detection("sdxl", evidence + ["two text encoders"])
+    prediction = "v_prediction" if metadata.get("modelspec.prediction_type") == "v" else "epsilon"
+    found = family_from_width(width, prediction)
+    if found is None:
+        raise SdloraError(
+            f"{path}: cross-attention width {width} matches no Stable Diffusion family; "
+            "set model.family"
+        )
+    # SD 2.x 512 and 768-v differ only in prediction type, which a header rarely states.
+    return Detection(found, evidence, ambiguous=found.startswith("sd2") and not metadata)
+
+
+def config_folder(family: str) -> Path:
+    """The built-in diffusers-layout config folder (configs + tokenizers) of `family`."""
+    return CONFIGS / CONFIG_FOLDERS[family]
 
 
 def _from_folder(path: Path, family: str | None) -> Base:
@@ -123,6 +190,36 @@ def _from_folder(path: Path, family: str | None) -> Base:
         pipe = cls.from_pretrained(path, local_files_only=True, **extra)
     except (OSError, ValueError) as e:
         raise SdloraError(f"could not load the diffusers folder {path}: {e}") from None
+    return _from_pipeline(str(path), pipe, family)
+
+
+def _from_single_file(path: Path, family: str | None, config_dir, allow_pickle: bool) -> Base:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        load_state_dict(path, allow_pickle)  # refuses unless allowed; checks it unpickles safely
+        if family is None:
+            raise SdloraError(
+                f"{path} is a pickle checkpoint: set model.family (sd1, sd2, sd2-v, sdxl)"
+            )
+    else:
+        detection = checkpoint_family(path)
+        if detection.ambiguous and family is None:
+            warnings.warn(
+                f"{path}: SD 2.x checkpoint of unknown prediction type; assuming 512 epsilon "
+                "(set model.family=sd2-v for the 768 v-prediction model)",
+                stacklevel=2,
+            )
+        family = family or detection.family
+    config = Path(config_dir) if config_dir else config_folder(family)
+    if not (config / "model_index.json").is_file():
+        raise SdloraError(f"config folder {config} has no model_index.json")
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, **extra)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SdloraError(
+            f"could not load the checkpoint {path} with configs {config}: {e}"
+        ) from None
     return _from_pipeline(str(path), pipe, family)
 
 

@@ -97,6 +97,11 @@ def train(
     # Data first: every file decoded, a bad folder fails before any model loads.
     scan = scan_dataset(c_data)
     scan.require_examples()
+    print(f"sdlora: {scan.root}: {len(scan.examples)} usable images, {len(scan.skipped)} skipped")
+    for line in summarise_problems(scan):
+        print(f"  {line}")
+    print(f"  {epoch_plan(scan, c_train.steps, c_train.batch_size, c_train.grad_accum)}")
+    print(f"  buckets: {', '.join(f'{b} ({n})' for b, n in scan.bucket_counts().items())}")
 
     # Devices and precision.
     if c_train.device == "cuda" and not torch.cuda.is_available():
@@ -135,10 +140,6 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
     print(f"sdlora: training {base.family} LoRA on {len(scan.examples)} images -> {run_dir}")
-    print(f"  {epoch_plan(scan, c_train.steps, c_train.batch_size, c_train.grad_accum)}")
-    print(f"  buckets: {', '.join(f'{b} ({n})' for b, n in scan.bucket_counts().items())}")
-    for line in summarise_problems(scan):
-        print(f"  {line}")
 
     # Frozen models' outputs are computed once: latents per image and flip, text per caption.
     cache_dir = Path(c_data.cache_dir) if c_data.cache_dir else None

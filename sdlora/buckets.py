@@ -24,11 +24,12 @@ def make_buckets(resolution: int, enabled: bool = True) -> list[tuple[int, int]]
     """Every (width, height) bucket for `resolution`, sorted by aspect ratio (wide last)."""
     if not enabled:
         return [(resolution, resolution)]
+    step = STEP if resolution % STEP == 0 else STEP // 2  # 32: small x4-VAE models
     area = resolution * resolution
-    low, high = max(STEP, resolution // 2), resolution * 2
-    buckets = set()
-    for width in range(resolution, high + 1, STEP):  # landscape and square; portrait mirrors
-        height = area // width // STEP * STEP
+    low, high = max(step, resolution // 2), resolution * 2
+    buckets = {(resolution, resolution)}
+    for width in range(resolution, high + 1, step):  # landscape; portrait mirrors
+        height = area // width // step * step
         if height >= low:
             buckets |= {(width, height), (height, width)}
     return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))

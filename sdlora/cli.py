@@ -79,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"), help="if undetectable")
     p.add_argument("--allow-pickle", action="store_true", help="read a pickle file (weights only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("check", help="preflight a dataset folder: every file's status, buckets")
+    p.add_argument("dir", type=Path, help="folder of training images")
+    p.add_argument("--trigger", default="", help="trigger word (reports captions lacking it)")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution (512)")
+    p.add_argument("--caption-ext", default=".txt", help="caption file extension (.txt)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("caption", help="write caption files for images that have none")
+    p.add_argument("dir", type=Path, help="folder of training images")
+    p.add_argument("--trigger", required=True, help="trigger word, put first in every caption")
+    p.add_argument(
+        "--template",
+        default=None,
+        help="caption text: {trigger}, {name} (file name), {caption} (model's text)",
+    )
+    p.add_argument("--caption-ext", default=".txt", help="caption file extension (.txt)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing captions too")
+    p.add_argument("--captioner", choices=["blip"], default=None, help="caption with a model")
+    p.add_argument("--model", default=None, help="captioner checkpoint: local folder or hub id")
     return parser
 
 
@@ -179,6 +199,38 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    import json
+
+    from sdlora.dataset import scan_folder
+    from sdlora.preflight import format_report, report
+
+    if args.resolution < 32 or args.resolution % 32:
+        raise SdloraError(
+            f"--resolution must be a multiple of 64 (32 for micro), got {args.resolution}"
+        )
+    scan = scan_folder(args.dir, args.trigger, args.resolution, caption_ext=args.caption_ext)
+    data = report(scan)
+    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else format_report(data))
+    return 0 if data["trainable"] else 2
+
+
+def cmd_caption(args) -> int:
+    from sdlora.autocaption import blip_captioner, write_captions
+
+    captioner = blip_captioner(args.model) if args.captioner == "blip" else None
+    run = write_captions(
+        args.dir, args.trigger, args.template, args.caption_ext, args.overwrite, captioner
+    )
+    for path in run.written:
+        print(f"wrote {path}")
+    for problem in run.skipped:
+        print(f"skipped {problem.path}: {problem.reason}")
+    kept = f", kept {len(run.kept)} existing (--overwrite replaces them)" if run.kept else ""
+    print(f"{len(run.written)} caption(s) written{kept}")
+    return 0
+
+
 def _print_result(result) -> None:
     print(f"LoRA:    {result.lora_path}")
     print(f"samples: {result.run_dir / 'samples'}")
@@ -193,4 +245,6 @@ COMMANDS = {
     "generate": cmd_generate,
     "inspect": cmd_inspect,
     "export": cmd_export,
+    "check": cmd_check,
+    "caption": cmd_caption,
 }

@@ -94,9 +94,11 @@ class DatasetConfig:
             raise SdloraError("dataset.trigger is empty: pick a rare word such as `zkstyle`")
         if not self.caption_ext.startswith("."):
             raise SdloraError(f"dataset.caption_ext must start with '.', got {self.caption_ext!r}")
-        if self.resolution < 64 or self.resolution % 64:
+        # 32 suits the micro model (x4 VAE); SD bases need multiples of 64 (checked on load).
+        if self.resolution < 32 or self.resolution % 32:
             raise SdloraError(
-                f"dataset.resolution must be a multiple of 64, at least 64; got {self.resolution}"
+                f"dataset.resolution must be a multiple of 32 (64 for SD checkpoints), at least "
+                f"32; got {self.resolution}"
             )
         if self.repeats < 0 or self.keep_tokens < 0:
             raise SdloraError(
@@ -169,10 +171,19 @@ class TrainConfig:
     """Seed for LoRA initialisation, noise, timesteps and data order."""
     log_every: int = 1
     """Write the loss to the logs every N steps."""
+    prior_images: int = 0
+    """Prior preservation: images the base draws for the captions without the trigger (0: off)."""
+    prior_weight: float = 1.0
+    """Weight of the loss on the prior-preservation images beside the style images' loss."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
             _check_positive(f"train.{name}", getattr(self, name))
+        if self.prior_images < 0 or self.prior_weight < 0:
+            raise SdloraError(
+                f"train.prior_images and train.prior_weight must be >= 0, got "
+                f"{self.prior_images} and {self.prior_weight}"
+            )
         _check_positive("train.lr", self.lr)
         if self.text_encoder_lr is not None and self.text_encoder_lr < 0:
             raise SdloraError(f"train.text_encoder_lr must be >= 0, got {self.text_encoder_lr}")
@@ -213,11 +224,15 @@ class SampleConfig:
     """Classifier-free guidance scale."""
     seed: int = 0
     """Seed of the sample noise, the same at every sampling so grids compare."""
+    report_images: int = 16
+    """Images per set in the learning report (base / LoRA, with / without trigger); 0: none."""
 
     def __post_init__(self):
         if self.every < 0:
             raise SdloraError(f"sample.every must be >= 0, got {self.every}")
         _check_positive("sample.steps", self.steps)
+        if self.report_images < 0:
+            raise SdloraError(f"sample.report_images must be >= 0, got {self.report_images}")
 
 
 @dataclass(frozen=True)

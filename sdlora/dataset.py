@@ -125,7 +125,7 @@ def scan_folder(
     if not root.is_dir():
         raise SdloraError(f"dataset folder {root} does not exist; set dataset.path to your images")
     scan = Scan(root=root, resolution=resolution, background=background, max_pixels=max_pixels)
-    files, listings = _walk(root)
+    files, listings = walk_images(root)
     with ThreadPoolExecutor(PREFLIGHT_WORKERS) as pool:  # decoders release the GIL
         inspected = list(pool.map(lambda f: _inspect(*f, background, max_pixels), files))
     bucket_list = make_buckets(resolution, buckets)
@@ -189,7 +189,7 @@ def scan_folder(
     return scan
 
 
-def _walk(root: Path) -> tuple[list[tuple[Path, int]], dict[Path, dict[str, str]]]:
+def walk_images(root: Path) -> tuple[list[tuple[Path, int]], dict[Path, dict[str, str]]]:
     """(image path, folder repeats) in sorted order, and each folder's {lowercase name: name}."""
     files: list[tuple[Path, int]] = []
     listings: dict[Path, dict[str, str]] = {}
@@ -240,29 +240,35 @@ def _inspect(path: Path, repeats: int, background, max_pixels: int) -> _Inspecte
     return item
 
 
-def _caption(path, listing, caption_ext, trigger, scan, sidecar_users) -> str | None:
-    """The sidecar caption of `path` (`a.png.txt` first, then `a.txt`), or None."""
-    for name in (path.name + caption_ext, path.stem + caption_ext):
+def find_sidecar(image: Path, listing: dict[str, str], caption_ext: str) -> Path | None:
+    """The caption file of `image`: `a.png.txt` first, then `a.txt` (extension case ignored)."""
+    for name in (image.name + caption_ext, image.stem + caption_ext):
         actual = listing.get(name.lower())
-        if actual is None:
-            continue
-        sidecar = path.parent / actual
-        if sidecar in sidecar_users:
-            other = sidecar_users[sidecar].name
-            scan.warnings.append(Problem(path, f"shares the caption {actual} with {other}"))
-        sidecar_users.setdefault(sidecar, path)
-        try:
-            caption = read_caption_file(sidecar)
-        except CaptionProblem as e:
-            scan.warnings.append(Problem(sidecar, e.reason))
-            return None
-        if not caption:
-            scan.warnings.append(Problem(sidecar, "caption file is empty"))
-            return None
-        if trigger and not has_trigger(caption, trigger):
-            scan.warnings.append(Problem(path, "caption lacks the trigger word; it is put first"))
-        return caption
+        if actual is not None:
+            return image.parent / actual
     return None
+
+
+def _caption(path, listing, caption_ext, trigger, scan, sidecar_users) -> str | None:
+    """The sidecar caption of `path`, or None (reasons go to the scan's warnings)."""
+    sidecar = find_sidecar(path, listing, caption_ext)
+    if sidecar is None:
+        return None
+    if sidecar in sidecar_users:
+        other = sidecar_users[sidecar].name
+        scan.warnings.append(Problem(path, f"shares the caption {sidecar.name} with {other}"))
+    sidecar_users.setdefault(sidecar, path)
+    try:
+        caption = read_caption_file(sidecar)
+    except CaptionProblem as e:
+        scan.warnings.append(Problem(sidecar, e.reason))
+        return None
+    if not caption:
+        scan.warnings.append(Problem(sidecar, "caption file is empty"))
+        return None
+    if trigger and not has_trigger(caption, trigger):
+        scan.warnings.append(Problem(path, "caption lacks the trigger word; it is put first"))
+    return caption
 
 
 def _warn_other_caption_extensions(scan: Scan, listings, caption_ext: str) -> None:

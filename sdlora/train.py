@@ -45,6 +45,8 @@ from sdlora.lora import (
     lora_parameters,
 )
 from sdlora.models import Base, load_base
+from sdlora.prior import PriorSet, generate_prior
+from sdlora.report import decode_latents, learning_report, set_adapters, summary
 
 
 @dataclass
@@ -58,6 +60,8 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     skipped: list[Problem] = field(default_factory=list)
+    learning: dict | None = None
+    """The learning report (learning_report.json), when one was made."""
 
 
 def diffusion_loss(
@@ -77,6 +81,19 @@ def diffusion_loss(
     else:
         target = noise
     return F.mse_loss(pred.float(), target.float())
+
+
+def prior_loss(base: Base, prior: PriorSet, text_for, size: int, generator, device):
+    """`diffusion_loss` on `size` base-drawn prior images under their own captions."""
+    latents, captions = prior.batch(size, generator)
+    latents = latents.to(device)  # (B, 4, h, w)
+    text, pooled = text_for(captions)
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    steps = base.scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (size,), generator=generator).to(device)
+    h, w = (side * vae_scale(base) for side in latents.shape[-2:])
+    added = _added_cond(base, pooled, [(h, w, 0, 0, h, w)] * size, device)
+    return diffusion_loss(base.unet, base.scheduler, latents, text, noise, timesteps, added)
 
 
 def train(
@@ -136,6 +153,7 @@ def train(
     base.vae.requires_grad_(False)
     for module in (base.unet, base.vae, *base.text_encoders.values()):
         module.to(device)
+    check_resolution(base, c_data.resolution)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
@@ -147,6 +165,24 @@ def train(
     if c_data.crop == "center":
         latents.fill(scan.examples, (False, True) if c_data.flip else (False,))
     text_for = TextCache(lambda captions: encode_text(base, captions, device), not train_te)
+
+    # Prior preservation: the base's own images for the captions without the trigger.
+    prior = None
+    if c_train.prior_images:
+        set_adapters(base, False)
+        prior = generate_prior(
+            base,
+            [e.caption for e in scan.examples],
+            c_data.trigger,
+            c_train.prior_images,
+            seed=c_train.seed,
+            steps=config.sample.steps,
+            cfg=config.sample.cfg,
+            size=c_data.resolution,
+        )
+        set_adapters(base, True)
+        print(f"  prior preservation: {len(prior.captions)} images drawn by the base")
+    prior_gen = torch.Generator().manual_seed(c_train.seed + 2)
 
     # Optimizer and learning-rate schedule.
     groups = [{"params": lora_parameters(base.unet), "lr": c_train.lr}]
@@ -211,6 +247,10 @@ def train(
                             timesteps,
                             _added_cond(base, pooled, geometry, device),
                         )
+                        if prior is not None:
+                            loss = loss + c_train.prior_weight * prior_loss(
+                                base, prior, text_for, len(idx), prior_gen, device
+                            )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and c_train.max_grad_norm > 0:
                         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -254,6 +294,24 @@ def train(
     )
     export.save_kohya(lora_path, lora, base.family, metadata, dtype=c_out.dtype)
     samples.append(sample(base, config, run_dir, step=c_train.steps, device=device))
+
+    # Did it learn the style, and only behind the trigger? (learning_report.json, ab_grid.png)
+    learning = None
+    if config.sample.report_images:
+        style = [decode_latents(base, latents.get(e)[0].to(device))[0] for e in scan.examples]
+        learning = learning_report(
+            base,
+            style,
+            [e.caption for e in scan.examples],
+            c_data.trigger,
+            run_dir,
+            images=config.sample.report_images,
+            seed=config.sample.seed + 1000,
+            steps=config.sample.steps,
+            cfg=config.sample.cfg,
+            size=c_data.resolution,
+        )
+        print(summary(learning))
     report = {
         "steps": c_train.steps,
         "wall_time_s": round(wall, 3),
@@ -265,7 +323,22 @@ def train(
         "warnings": [{"file": str(p.path), "reason": p.reason} for p in scan.warnings],
     }
     (run_dir / "run.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    return TrainResult(run_dir, lora_path, base, samples, losses, scan.skipped)
+    return TrainResult(run_dir, lora_path, base, samples, losses, scan.skipped, learning)
+
+
+def vae_scale(base: Base) -> int:
+    """Pixels per latent cell: the VAE halves the size once per block after the first."""
+    return 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
+def check_resolution(base: Base, resolution: int) -> None:
+    """Refuse a training size the VAE and the UNet's down blocks cannot divide evenly."""
+    multiple = vae_scale(base) * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    if resolution % multiple:
+        raise SdloraError(
+            f"dataset.resolution {resolution} does not suit {base.name}: it must be a multiple "
+            f"of {multiple} (64 for Stable Diffusion checkpoints)"
+        )
 
 
 def scan_dataset(c_data: DatasetConfig) -> Scan:

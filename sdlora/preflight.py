@@ -1,0 +1,87 @@
+"""The `sdlora check` report: per-file status, counts, aspect ratios and buckets of a scan.
+
+`report(scan)` is a plain dict (the `--json` output); `format_report` is its text form.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdlora.dataset import Scan, epoch_plan
+
+DEFAULT_STEPS = 1000  # the steps the guidance line assumes (train.steps' default)
+
+
+def report(scan: Scan, steps: int = DEFAULT_STEPS, batch_size: int = 1) -> dict:
+    """Everything `sdlora check` shows, JSON-ready; `trainable` is False with no usable image."""
+    files: dict[str, dict] = {}
+    for example in scan.examples:
+        files[_name(example.path, scan)] = {
+            "status": "ok",
+            "size": list(example.size),
+            "bucket": f"{example.bucket[0]}x{example.bucket[1]}",
+            "repeats": example.repeats,
+            "caption": example.caption,
+            "reasons": [],
+        }
+    for problem in scan.skipped:
+        files[_name(problem.path, scan)] = {"status": "skipped", "reasons": [problem.reason]}
+    for problem in scan.warnings:
+        entry = files.setdefault(_name(problem.path, scan), {"status": "ok", "reasons": []})
+        entry["reasons"].append(problem.reason)
+        if entry["status"] == "ok":
+            entry["status"] = "warning"
+    ratios = [w / h for w, h in (e.size for e in scan.examples)]
+    return {
+        "folder": str(scan.root),
+        "resolution": scan.resolution,
+        "trainable": bool(scan.examples),
+        "usable": len(scan.examples),
+        "skipped": [{"file": _name(p.path, scan), "reason": p.reason} for p in scan.skipped],
+        "warnings": [{"file": _name(p.path, scan), "reason": p.reason} for p in scan.warnings],
+        "files": [{"file": name, **files[name]} for name in sorted(files)],
+        "aspect_ratios": {
+            "portrait": sum(r < 0.95 for r in ratios),
+            "square": sum(0.95 <= r <= 1.05 for r in ratios),
+            "landscape": sum(r > 1.05 for r in ratios),
+            "min": round(min(ratios), 3) if ratios else None,
+            "max": round(max(ratios), 3) if ratios else None,
+        },
+        "buckets": scan.bucket_counts(),
+        "plan": epoch_plan(scan, steps, batch_size) if scan.examples else None,
+    }
+
+
+def format_report(data: dict) -> str:
+    """The report as aligned text lines, one per file, then the totals."""
+    lines = [f"sdlora check {data['folder']} (resolution {data['resolution']})"]
+    width = max((len(f["file"]) for f in data["files"]), default=0)
+    for f in data["files"]:
+        parts = [f"{f['size'][0]}x{f['size'][1]} -> {f['bucket']}"] if "size" in f else []
+        detail = "; ".join(parts + f["reasons"])
+        lines.append(f"  {f['status']:<8} {f['file']:<{width}}  {detail}")
+    lines.append(
+        f"{data['usable']} usable, {len(data['skipped'])} skipped, {len(data['warnings'])} warnings"
+    )
+    a = data["aspect_ratios"]
+    if data["usable"]:
+        lines.append(
+            f"aspect ratios (w/h): {a['portrait']} portrait, {a['square']} square, "
+            f"{a['landscape']} landscape; from {a['min']} to {a['max']}"
+        )
+        buckets = ", ".join(f"{b} ({n})" for b, n in data["buckets"].items())
+        lines.append(f"buckets: {buckets}")
+        lines.append(f"at train.steps={DEFAULT_STEPS}, batch 1: {data['plan']}")
+        lines.append("trainable: yes")
+    else:
+        lines.append("trainable: no usable image (see the reasons above)")
+    return "\n".join(lines)
+
+
+def _name(path: Path, scan: Scan) -> str:
+    if path == scan.root:
+        return "."
+    try:
+        return str(path.relative_to(scan.root))
+    except ValueError:
+        return str(path)

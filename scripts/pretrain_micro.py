@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--eval-prompts", type=int, default=24)
+    p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of the scoring samples")
     p.add_argument("--reuse-vae", action="store_true", help="load <work>/vae instead of phase 1")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -207,6 +208,7 @@ def main(argv=None) -> dict:
             overall, per_claim, _ = micro.agreement(
                 micro.pipeline({**final, "scheduler": micro.scheduler()}),
                 shapes.check_prompts(args.eval_prompts, seed=123),
+                steps=args.eval_steps,
             )
             result = {"phase": "eval", "step": step, "agreement": overall, **per_claim}
             log(result)

@@ -1,0 +1,163 @@
+"""The shipped micro model: its weights, its measured quality, the pretraining script, the
+learning report and prior preservation on it."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sdlora import micro, shapes
+from sdlora.config import load_config
+from sdlora.errors import SdloraError
+from sdlora.models import load_base
+from sdlora.report import palette, strip_trigger, style_scores
+from sdlora.train import check_resolution
+
+REPO = Path(__file__).resolve().parent.parent
+BANDS = REPO / "datasets_examples" / "bands"
+AGREEMENT_PROMPTS = 16
+needs_weights = pytest.mark.skipif(not micro.available(), reason="micro weights not built")
+
+
+@pytest.fixture(scope="module")
+def micro_base():
+    return load_base("micro")
+
+
+@pytest.fixture(scope="module")
+def agreement(micro_base):
+    """Overall and per-claim agreement of the shipped model with prompts of its vocabulary."""
+    prompts = shapes.check_prompts(AGREEMENT_PROMPTS, seed=7)
+    overall, per_claim, _ = micro.agreement(micro_base.pipeline(), prompts, seed=0)
+    return overall, per_claim
+
+
+def test_checker_reads_drawn_scenes():
+    rng = random.Random(3)
+    scenes = [shapes.random_scene(rng) for _ in range(200)]
+    agree = [all(shapes.check(s.caption(), shapes.draw(s, rng)).values()) for s in scenes]
+    assert sum(agree) >= 198
+
+
+def test_checker_disagrees_with_a_wrong_prompt():
+    scene = shapes.Scene("red", "square", "left", "blue")
+    image = shapes.draw(scene, random.Random(0))
+    result = shapes.check("a green triangle on the right on a white background", image)
+    assert not any(result.values())
+
+
+def test_vocabulary_words_are_single_tokens_and_the_trigger_is_not():
+    tokenizer = micro.tokenizer()
+    for word in shapes.WORDS:
+        assert tokenizer.tokenize(word) == [f"{word}</w>"]
+    assert len(tokenizer.tokenize("zkbands")) > 1
+
+
+@needs_weights
+def test_shipped_weights_load_as_sd1_and_stay_small(micro_base):
+    assert micro_base.name == "micro"
+    assert micro_base.family == "sd1"
+    assert micro_base.unet.config.cross_attention_dim == micro.CROSS_ATTENTION_WIDTH
+    assert micro_base.unet.dtype == torch.float32
+    assert micro_base.scheduler.config.prediction_type == "epsilon"
+    size = sum(p.stat().st_size for p in micro.WEIGHTS.rglob("*.safetensors"))
+    assert size <= 30 * 2**20
+
+
+@needs_weights
+def test_shipped_model_draws_what_it_is_told(agreement):
+    overall, per_claim = agreement
+    assert overall >= 0.8, per_claim
+
+
+@needs_weights
+def test_resolution_must_suit_the_base(micro_base):
+    check_resolution(micro_base, 32)  # x4 VAE, three UNet downsamplings
+    with pytest.raises(SdloraError, match="dataset.resolution 32"):
+        check_resolution(load_base("tiny:sd1"), 32)
+
+
+def test_prior_and_report_options_are_validated():
+    with pytest.raises(SdloraError, match="train.prior_images"):
+        load_config(None, ["dataset.path=x", "dataset.trigger=zk", "train.prior_images=-1"])
+    with pytest.raises(SdloraError, match="sample.report_images"):
+        load_config(None, ["dataset.path=x", "dataset.trigger=zk", "sample.report_images=-1"])
+    with pytest.raises(SdloraError, match="dataset.resolution"):
+        load_config(None, ["dataset.path=x", "dataset.trigger=zk", "dataset.resolution=48"])
+
+
+def test_style_scores_measure_along_the_base_to_style_line():
+    base, style = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    halfway = np.array([0.5, 0.5])
+    shift, drift = style_scores(base, halfway, base, base, style)
+    assert shift == pytest.approx(0.5)
+    assert drift == 0
+    shift, drift = style_scores(base, base, base, style, style)
+    assert shift == 0
+    assert drift == pytest.approx(1)
+
+
+def test_palette_is_a_normalised_histogram():
+    hist = palette(shapes.draw(shapes.Scene("red", "circle", "left", "blue"), random.Random(0)))
+    assert hist.shape == (64,)
+    assert hist.sum() == pytest.approx(1)
+    assert strip_trigger("zkbands, a red circle", "zkbands") == "a red circle"
+
+
+@needs_weights
+def test_micro_run_writes_a_learning_report_in_range(tmp_path):
+    from sdlora import train
+
+    data = tmp_path / "bands"
+    shutil.copytree(BANDS, data)
+    config = load_config(
+        REPO / "configs" / "demo.toml",
+        [
+            f"dataset.path={data}",
+            f"output.dir={tmp_path / 'run'}",
+            "train.steps=4",
+            "train.prior_images=4",
+            "sample.steps=4",
+            "sample.report_images=4",
+        ],
+    )
+    result = train(config, progress=False)
+    report = result.learning
+    assert (result.run_dir / "learning_report.json").is_file()
+    assert (result.run_dir / "ab_grid.png").is_file()
+    assert report["statistic"] == "palette_histogram_4x4x4"
+    assert -1 <= report["style_shift_with_trigger"] <= 2
+    assert 0 <= report["drift_without_trigger"] <= 2
+    assert len(report["seeds"]) == len(report["prompts_with_trigger"]) == 4
+    assert all(p.startswith("zkbands, ") for p in report["prompts_with_trigger"])
+
+
+def test_pretrain_script_runs_end_to_end(tmp_path):
+    spec = importlib.util.spec_from_file_location(
+        "pretrain_micro", REPO / "scripts" / "pretrain_micro.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "micro"
+    script.main(
+        [
+            f"--out={out}",
+            f"--work={tmp_path / 'work'}",
+            "--images=32",
+            "--vae-steps=2",
+            "--unet-steps=2",
+            "--batch=4",
+            "--checkpoint-every=2",
+            "--eval-prompts=1",
+            "--eval-steps=2",
+        ]
+    )
+    base = load_base(str(out))
+    assert base.family == "sd1"
+    assert (tmp_path / "work" / "log.jsonl").is_file()

@@ -78,7 +78,8 @@ def generate(
         hashes.append(f"{spec.path.stem}: {model_hash[:12]}")
     if names:
         pipe.set_adapters(names, adapter_weights=[s.scale for s in loras])
-    width, height = size or (base.unet.config.sample_size * 8,) * 2
+    # The model's native size: the UNet's latent size times the VAE's scale (x8 in SD, x4 micro).
+    width, height = size or (base.unet.config.sample_size * pipe.vae_scale_factor,) * 2
     images = []
     for n in range(num):
         generator = torch.Generator().manual_seed(seed + n)

@@ -9,6 +9,7 @@ our own pixel cap checked before the pixels are decoded.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,19 +73,23 @@ def open_rgb(
     """Fully decode `path` into 8-bit RGB; raises ImageProblem with a reason otherwise."""
     if path.stat().st_size == 0:
         raise ImageProblem("unreadable: empty (0-byte) file")
+    if Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses at twice its limit; ours governs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             img = Image.open(path)
-        except Image.DecompressionBombError:
-            raise ImageProblem(_too_many_pixels(path, None, max_pixels)) from None
+        except Image.DecompressionBombError as e:  # over Pillow's own, higher limit
+            declared = re.search(r"\((\d+) pixels\)", str(e))
+            pixels = int(declared.group(1)) if declared else None
+            raise ImageProblem(_too_many_pixels(path, pixels, max_pixels)) from None
         except UnidentifiedImageError:
             raise ImageProblem("unreadable: not an image Pillow can decode") from None
         except OSError as e:
             raise ImageProblem(f"unreadable: {e}") from None
     with img:
         if img.width * img.height > max_pixels:
-            raise ImageProblem(_too_many_pixels(path, img.size, max_pixels))
+            raise ImageProblem(_too_many_pixels(path, img.width * img.height, max_pixels))
         notes = []
         fmt = FORMATS.get(img.format or "", img.format or "unknown")
         expected = EXTENSION_FORMATS.get(path.suffix.lower())
@@ -108,10 +113,10 @@ def open_rgb(
     return Decoded(rgb, fmt, notes)
 
 
-def _too_many_pixels(path: Path, size, max_pixels: int) -> str:
-    declared = f"declares {size[0]}x{size[1]} pixels, " if size else "declares too many pixels, "
+def _too_many_pixels(path: Path, pixels: int | None, max_pixels: int) -> str:
+    declared = f"{pixels:,} pixels" if pixels else "more pixels"
     return (
-        f"too large: {path.name} {declared}over the cap of {max_pixels:,} "
+        f"too large: {path.name} declares {declared}, over the cap of {max_pixels:,} "
         "(possible decompression bomb; raise dataset.max_pixels if the image is genuine)"
     )
 

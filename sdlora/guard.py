@@ -89,9 +89,13 @@ def check_compatible(base, lora: Lora, lora_name: str = "this LoRA") -> list[str
 
 
 def _weight(model: torch.nn.Module, path: str) -> torch.Tensor | None:
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
+    for candidate in (path, "text_model." + path):  # see `sdlora.lora.extract_lora`
+        try:
+            module = model.get_submodule(candidate)
+            break
+        except AttributeError:
+            continue
+    else:
         return None
     module = getattr(module, "base_layer", module)  # a module already wrapped by peft
     weight = getattr(module, "weight", None)

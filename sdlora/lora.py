@@ -90,17 +90,23 @@ def inject_lora(model: torch.nn.Module, rank: int, alpha: float, targets: tuple[
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
-    """peft LoRA layers of `model` by module path."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+    """peft LoRA layers of `model` that hold at least one adapter, by module path."""
+    return {
+        name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and len(m.lora_A)
+    }
 
 
 def extract_lora(model: torch.nn.Module) -> dict[str, LoraModule]:
-    """The current LoRA weights of `model` (detached float32 copies) by module path."""
+    """The current LoRA weights of `model` (detached float32 copies) by module path.
+
+    Paths are canonical: a text encoder's are given without the `text_model.` level that
+    transformers keeps in `CLIPTextModelWithProjection` but not in `CLIPTextModel`.
+    """
     out = {}
     for name, layer in lora_layers(model).items():
         if ADAPTER not in layer.lora_A:
             continue
-        out[name] = LoraModule(
+        out[name.removeprefix("text_model.")] = LoraModule(
             down=layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
             up=layer.lora_B[ADAPTER].weight.detach().float().cpu().clone(),
             alpha=float(layer.lora_alpha[ADAPTER]),

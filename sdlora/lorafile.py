@@ -43,6 +43,7 @@ DIFFUSERS_SUFFIXES = {
     ".lora_A.default.weight": "down", ".lora_B.default.weight": "up",
     ".lora.down.weight": "down", ".lora.up.weight": "up",
     ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
+    "_lora.down.weight": "down", "_lora.up.weight": "up",  # attention processors
     ".alpha": "alpha",
 }  # fmt: skip
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder_2", "text_encoder")
@@ -179,7 +180,7 @@ def _diffusers_path(name: str) -> tuple[str, str]:
     path = name.removeprefix(component + ".").removeprefix("base_model.model.")
     path = path.removeprefix("text_model.")
     # Attention-processor LoRAs of older diffusers: `attn1.processor.to_q_lora` -> `attn1.to_q`.
-    if m := re.match(r"(.*)\.processor\.(to_[qkv]|to_out)_lora$", path):
+    if m := re.match(r"(.*)\.processor\.(to_[qkv]|to_out)$", path):
         path = f"{m[1]}.{m[2]}" + (".0" if m[2] == "to_out" else "")
     return component, path
 

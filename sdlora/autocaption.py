@@ -99,6 +99,8 @@ def blip_captioner(model: str | None, device: str = "cpu", max_new_tokens: int =
             f"local BLIP checkpoint folder, or a hub id such as {BLIP_EXAMPLE} with a network"
         ) from None
 
+    max_new_tokens = min(max_new_tokens, net.config.text_config.max_position_embeddings - 2)
+
     def caption(image: Image.Image) -> str:
         inputs = processor(images=image, return_tensors="pt").to(device)
         with torch.no_grad():

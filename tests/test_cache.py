@@ -1,0 +1,83 @@
+"""Latent and text caches, and batches drawn one bucket at a time."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from sdlora.buckets import bucket_batches
+from sdlora.cache import LatentCache, TextCache
+from sdlora.dataset import scan_folder
+from sdlora.models import load_base
+
+
+def _folder(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    ramp = Image.linear_gradient("L").rotate(90)  # dark on the right: a flip changes it
+    Image.merge("RGB", [ramp] * 3).resize((128, 64)).save(folder / "wide.png")
+    zero = Image.new("L", (256, 256))
+    Image.merge("RGB", [zero, zero, ramp]).resize((64, 64)).save(folder / "square.png")
+    return folder
+
+
+def test_latents_are_cached_per_content_and_flip_and_reused_from_disk(tmp_path):
+    folder = _folder(tmp_path)
+    vae = load_base("tiny:sd1").vae
+    scan = scan_folder(folder, "zk", resolution=64)
+    cache = LatentCache(vae, scan, "cpu", tmp_path / "cache")
+    cache.fill(scan.examples, (False, True))
+    assert (cache.misses, cache.hits) == (4, 0)
+    latent, crop = cache.get(scan.examples[0])
+    assert cache.hits == 1 and latent.shape == (1, 4, 8, 8) and crop == (0, 0)
+    flipped, _ = cache.get(scan.examples[0], flip=True)
+    assert not torch.equal(latent, flipped)
+    assert len(list((tmp_path / "cache").iterdir())) == 4
+
+    # A second run reads the folder; an edited image gets a fresh entry.
+    Image.new("RGB", (64, 64), "green").save(folder / "square.png")
+    again = scan_folder(folder, "zk", resolution=64)
+    second = LatentCache(vae, again, "cpu", tmp_path / "cache")
+    second.fill(again.examples, (False, True))
+    assert (second.disk_hits, second.misses) == (2, 2)
+    assert torch.equal(second.get(again.examples[1])[0], cache.get(scan.examples[1])[0])
+    assert not torch.equal(second.get(again.examples[0])[0], latent)
+
+
+def test_uncached_and_random_crop_encode_every_time(tmp_path):
+    folder = _folder(tmp_path)
+    vae = load_base("tiny:sd1").vae
+    scan = scan_folder(folder, "zk", resolution=64)
+    off = LatentCache(vae, scan, "cpu", enabled=False)
+    off.get(scan.examples[0])
+    off.get(scan.examples[0])
+    assert not off.memory and off.misses == 0
+    on = LatentCache(vae, scan, "cpu")
+    on.get(scan.examples[0], crop="random")
+    assert not on.memory
+
+
+def test_text_cache_encodes_each_caption_once():
+    calls = []
+
+    def encode(captions):
+        calls.append(list(captions))
+        return torch.randn(len(captions), 77, 8), None
+
+    cache = TextCache(encode)
+    a, _ = cache(["x", "y", "x"])
+    b, _ = cache(["y", "x"])
+    assert calls == [["x", "y"]] and torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])
+
+
+def test_batches_come_from_one_bucket_and_honour_repeats():
+    buckets = [(64, 64), (64, 64), (128, 64), (64, 128), (128, 64)]
+    repeats = [1, 2, 1, 3, 1]
+    gen = torch.Generator().manual_seed(0)
+    order = bucket_batches(buckets, repeats, batch_size=2, generator=gen)
+    seen = []
+    for _ in range(5):  # one epoch: 2 + 1 + 2 batches
+        batch = next(order)
+        assert len({buckets[i] for i in batch}) == 1
+        seen += batch
+    assert sorted(seen) == [0, 1, 1, 2, 3, 3, 3, 4]

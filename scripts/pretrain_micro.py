@@ -1,8 +1,11 @@
 """Pretrain the micro model shipped in `sdlora/weights/micro/` (see `sdlora/micro.py`).
 
 The data is drawn by `sdlora/shapes.py` (nothing is downloaded). Two phases:
-1. the VAE alone, on the images (MSE + a small KL term); its latent scaling factor is set to
-   1 / std of the latents, as SD's 0.18215 was;
+1. the VAE alone (MSE + a small KL term), on the shapes images and as many `texture_image`s:
+   bands at any angle and width, gradients and shapes in random colours. A VAE that has only
+   seen six flat colours cannot encode anything else, and a style LoRA could then learn nothing
+   the VAE does not already draw. Its latent scaling factor is set to 1 / std of the latents,
+   as SD's 0.18215 was;
 2. the UNet and the text encoder together, from scratch, on the VAE's latents (epsilon
    prediction, SD's scaled-linear DDPM schedule), with captions that leave out the position
    or the background at random and are dropped entirely 10% of the time, so classifier-free
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from sdlora import micro, shapes
 
@@ -41,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=micro.WEIGHTS, help="final diffusers folder")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "pretrain_micro")
     p.add_argument("--images", type=int, default=12000, help="size of the drawn training set")
-    p.add_argument("--vae-steps", type=int, default=900)
+    p.add_argument("--vae-steps", type=int, default=1200)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--unet-steps", type=int, default=5000)
     p.add_argument("--lr", type=float, default=6e-4, help="UNet and text-encoder peak rate")
@@ -62,9 +66,44 @@ def draw_dataset(count: int, seed: int) -> tuple[list[shapes.Scene], torch.Tenso
     """`count` random scenes and their images as (N, 3, 32, 32) floats in [-1, 1]."""
     rng = random.Random(seed)
     scenes = [shapes.random_scene(rng) for _ in range(count)]
-    pixels = np.stack([np.asarray(shapes.draw(s, rng)) for s in scenes])  # (N, 32, 32, 3)
-    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
-    return scenes, images
+    return scenes, to_tensor([shapes.draw(s, rng) for s in scenes])
+
+
+def texture_image(rng: np.random.Generator) -> Image.Image:
+    """A 32 px picture in random colours: bands (any angle, 3-16 px wide) or a gradient, with
+    up to three random shapes on top."""
+    side = shapes.SIZE * shapes.SUPERSAMPLE
+    y, x = np.mgrid[0:side, 0:side] / shapes.SUPERSAMPLE  # in output pixels
+    colours = rng.integers(0, 256, (rng.integers(2, 5), 3))
+    if rng.random() < 0.6:
+        angle = rng.uniform(0, np.pi)
+        width = rng.uniform(3, 16)
+        t = (x * np.cos(angle) + y * np.sin(angle)) / width + rng.uniform(0, 10)
+        pixels = colours[np.floor(t).astype(int) % len(colours)]
+    else:
+        w = (x * rng.uniform(-1, 1) + y * rng.uniform(-1, 1)) / shapes.SIZE
+        w = ((w - w.min()) / max(np.ptp(w), 1e-6))[..., None]
+        pixels = colours[0] * (1 - w) + colours[1] * w
+    image = Image.fromarray(pixels.astype(np.uint8))
+    pen = ImageDraw.Draw(image)
+    for _ in range(rng.integers(0, 4)):
+        cx, cy = rng.uniform(0, side, 2)
+        r = rng.uniform(2, 10) * shapes.SUPERSAMPLE
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        kind = rng.integers(3)
+        if kind == 0:
+            pen.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif kind == 1:
+            pen.rectangle((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        else:
+            pen.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=fill)
+    return image.resize((shapes.SIZE, shapes.SIZE), Image.Resampling.BOX)
+
+
+def to_tensor(pictures: list) -> torch.Tensor:
+    """PIL images or uint8 arrays -> (N, 3, H, W) floats in [-1, 1]."""
+    pixels = np.stack([np.asarray(p) for p in pictures])  # (N, H, W, 3)
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
 def train_vae(vae, images: torch.Tensor, steps: int, lr: float, batch: int, log) -> None:
@@ -143,7 +182,10 @@ def main(argv=None) -> dict:
     if args.reuse_vae:
         parts["vae"] = type(parts["vae"]).from_pretrained(vae_dir)
     else:
-        train_vae(parts["vae"], images, args.vae_steps, args.vae_lr, args.batch, log)
+        texture_rng = np.random.default_rng(args.seed)
+        textures = to_tensor([texture_image(texture_rng) for _ in range(args.images)])
+        vae_images = torch.cat([images, textures])
+        train_vae(parts["vae"], vae_images, args.vae_steps, args.vae_lr, args.batch, log)
         raw = encode(parts["vae"], images)
         parts["vae"].register_to_config(scaling_factor=float(1 / raw.std()))
         parts["vae"].save_pretrained(vae_dir)

@@ -124,6 +124,10 @@ def scan_folder(
     root = Path(root)
     if not root.is_dir():
         raise SdloraError(f"dataset folder {root} does not exist; set dataset.path to your images")
+    try:
+        template_caption(caption_template, trigger)
+    except ValueError as e:
+        raise SdloraError(f"dataset.caption_template: {e}") from None
     scan = Scan(root=root, resolution=resolution, background=background, max_pixels=max_pixels)
     files, listings = walk_images(root)
     with ThreadPoolExecutor(PREFLIGHT_WORKERS) as pool:  # decoders release the GIL

@@ -105,6 +105,10 @@ def make_messy(folder: Path) -> dict:
     w("rotated.jpg", _encoded(_pattern((96, 64), seed=16), "JPEG", exif=exif))
     frames = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
     w("animated.gif", _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]))
+    webp = dict(save_all=True, append_images=frames[1:], lossless=True)
+    w("animated.webp", _encoded(frames[0].rotate(90), "WEBP", **webp))
+    grey_alpha = Image.merge("LA", [Image.new("L", (64, 64), 0), Image.new("L", (64, 64), 0)])
+    w("grey_alpha.png", _encoded(grey_alpha, "PNG"))  # black, fully transparent
 
     # Ignored entirely.
     w(".hidden.png", _encoded(_pattern(seed=17), "PNG"))
@@ -137,6 +141,8 @@ def make_messy(folder: Path) -> dict:
         "palette.png": "transparency",
         "grey16.png": "16-bit",
         "animated.gif": "animated (3 frames)",
+        "animated.webp": "animated (3 frames)",
+        "grey_alpha.png": "transparency",
         "good.png": "lacks the trigger",
     }
     usable = {
@@ -159,6 +165,8 @@ def make_messy(folder: Path) -> dict:
         "grey16.png",
         "rotated.jpg",
         "animated.gif",
+        "animated.webp",
+        "grey_alpha.png",
         "3_extra/inner.png",
     }
     return {"skipped": skipped, "warnings": warnings, "usable": usable}

@@ -38,6 +38,7 @@ def _by_name(problems, root):
 
 def test_every_unusable_file_is_skipped_by_name_with_its_reason(messy, scan):
     folder, expected = messy
+    assert (folder / "bomb.png").stat().st_size <= 68  # declares 20000 x 20000
     skipped = _by_name(scan.skipped, folder)
     assert set(skipped) == set(expected["skipped"])
     for name, words in expected["skipped"].items():
@@ -92,6 +93,8 @@ def _pixels(scan, name):
 def test_images_are_normalised(scan):
     _, transparent = _pixels(scan, "transparent.png")
     assert transparent.min() > 250  # white background, not the hidden red
+    _, grey_alpha = _pixels(scan, "grey_alpha.png")
+    assert grey_alpha.min() > 250
     _, palette = _pixels(scan, "palette.png")
     right = palette[:, :, 40:]
     assert right.min() > 250

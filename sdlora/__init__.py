@@ -2,7 +2,8 @@
 
 from sdlora.config import Config, load_config
 from sdlora.errors import SdloraError
+from sdlora.generate import LoraSpec, generate
 from sdlora.train import TrainResult, train
 
-__all__ = ["Config", "SdloraError", "TrainResult", "load_config", "train"]
+__all__ = ["Config", "LoraSpec", "SdloraError", "TrainResult", "generate", "load_config", "train"]
 __version__ = "0.1.0"

@@ -47,24 +47,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("generate", help="generate images with LoRAs applied")
+    p.add_argument("--base", required=True, help="base: folder, .safetensors, hub id, tiny:sd1")
     p.add_argument(
-        "--base", required=True, help="base model: folder, .safetensors, hub id or tiny:sd1"
+        "--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA (repeatable)"
     )
-    p.add_argument(
-        "--lora",
-        action="append",
-        default=[],
-        metavar="FILE[:SCALE]",
-        help="LoRA to apply (repeatable)",
-    )
+    p.add_argument("--lora-dir", type=Path, help="where <lora:NAME:SCALE> prompt tags look")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative", default="")
     p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.5)
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
     p.add_argument("--size", type=_size, default=None, metavar="WxH")
-    p.add_argument("--num", type=int, default=1)
+    p.add_argument("--num", type=int, default=1, help="images (seeds seed, seed+1, ...)")
+    p.add_argument("--sampler", default="ddim", help="euler, euler_a, dpmpp_2m, ddim, ...")
+    p.add_argument(
+        "--trigger",
+        default="warn",
+        choices=("auto", "warn", "off"),
+        help="auto: prepend the LoRAs' missing trigger words; warn (default): warn if none",
+    )
+    p.add_argument("--grid", metavar="AXIS=V1,V2", help="scales=0,0.5,1 or trigger=on,off")
+    p.add_argument("--no-fuse", action="store_true", help="keep LoRAs as separate layers")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickle LoRAs (weights only)")
+
+    p = sub.add_parser("merge", help="fuse LoRAs into a base and save a diffusers folder")
+    p.add_argument("--base", required=True)
+    p.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]")
+    p.add_argument("-o", "--out", required=True, type=Path, help="new diffusers folder")
 
     p = sub.add_parser("inspect", help="family, ranks, triggers, hashes and metadata of a LoRA")
     p.add_argument("file", type=Path)
@@ -133,22 +143,49 @@ def cmd_demo(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from sdlora.generate import LoraSpec, generate, save_images
-
-    loras = [LoraSpec.parse(text) for text in args.lora]
-    images = generate(
-        args.base,
-        loras,
-        prompt=args.prompt,
-        negative=args.negative,
-        steps=args.steps,
-        cfg=args.cfg,
-        seed=args.seed,
-        size=args.size,
-        num=args.num,
+    from sdlora.generate import (
+        SAMPLERS,
+        Generator,
+        LoraSpec,
+        grid_images,
+        prompt_loras,
+        save_images,
+        with_triggers,
     )
-    for path in save_images(images, args.out):
+    from sdlora.images import save_grid
+
+    if args.sampler not in SAMPLERS:
+        raise SdloraError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    prompt, tagged = prompt_loras(args.prompt, args.lora_dir)
+    loras = [LoraSpec.parse(text) for text in args.lora] + tagged
+    generator = Generator.load(
+        args.base, loras, fuse=not (args.no_fuse or args.grid), allow_pickle=args.allow_pickle
+    )
+    render = dict(negative=args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                  size=args.size, sampler=args.sampler)  # fmt: skip
+    if args.grid:
+        axis, _, values = args.grid.partition("=")
+        prompt = prompt if axis == "trigger" else with_triggers(prompt, loras, args.trigger)
+        images, labels = grid_images(generator, axis, values.split(","), prompt, **render)
+        path = save_grid(images, labels, args.out / f"grid_{axis}.png", columns=len(images))
         print(path)
+        return 0
+    prompt = with_triggers(prompt, loras, args.trigger)
+    for path in save_images(generator.render(prompt, num=args.num, **render), args.out):
+        print(path)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from sdlora.generate import Generator, LoraSpec
+
+    if args.out.exists():
+        raise SdloraError(f"{args.out} already exists; choose a new folder for the merged model")
+    generator = Generator.load(args.base, [LoraSpec.parse(t) for t in args.lora], fuse=True)
+    pipe = generator.pipeline()
+    pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
+    pipe.save_pretrained(args.out)
+    print(args.out)
     return 0
 
 
@@ -243,6 +280,7 @@ COMMANDS = {
     "train": cmd_train,
     "demo": cmd_demo,
     "generate": cmd_generate,
+    "merge": cmd_merge,
     "inspect": cmd_inspect,
     "export": cmd_export,
     "check": cmd_check,

@@ -1,53 +1,221 @@
-"""Generating images from a base model with LoRAs applied, trigger words and PNG infotext."""
+"""Generating images from a base model with LoRAs applied, trigger words and PNG infotext.
+
+Every LoRA passes the version guard before any weights of the base are loaded (family) and
+before any image is computed (module shapes). Images carry A1111's `parameters` infotext, so
+A1111's PNG Info and Civitai read prompt, settings and LoRA hashes back.
+"""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import hashlib
+import re
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from PIL import Image
-from safetensors import safe_open
 
 from sdlora.errors import SdloraError
+from sdlora.guard import check_compatible, check_family
 from sdlora.images import save_png
-from sdlora.models import Base, load_base
+from sdlora.lora import Lora, add_lora
+from sdlora.lorafile import read_lora, trigger_words
+from sdlora.models import Base, base_family, load_base
+
+# Sampler name -> (diffusers scheduler, extra config, A1111's name for the infotext).
+SAMPLERS = {
+    "euler": (EulerDiscreteScheduler, {}, "Euler"),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}, "Euler a"),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
+        "DPM++ 2M Karras",
+    ),
+    "ddim": (DDIMScheduler, {}, "DDIM"),
+    "unipc": (UniPCMultistepScheduler, {}, "UniPC"),
+}
+PROMPT_LORA = re.compile(r"<lora:([^:>]+)(?::([^>]*))?>")
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoraSpec:
     """A LoRA file and the scale to apply it at."""
 
     path: Path
     scale: float = 1.0
+    lora: Lora | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
 
     @classmethod
     def parse(cls, text: str) -> LoraSpec:
         """`FILE` or `FILE:SCALE`."""
         path, sep, scale = text.rpartition(":")
         if sep and Path(path).suffix:
-            try:
-                return cls(Path(path), float(scale))
-            except ValueError:
-                raise SdloraError(
-                    f"LoRA scale in {text!r} must be a number, e.g. style.safetensors:0.8"
-                ) from None
+            return cls(Path(path), _scale(scale, text))
         return cls(Path(text))
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file (header only)."""
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+def _scale(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SdloraError(
+            f"LoRA scale {text!r} in {where!r} is not a number; write e.g. style.safetensors:0.8"
+        ) from None
 
 
-def trigger_words(metadata: dict[str, str]) -> list[str]:
-    """Trigger words recorded in a LoRA's metadata (ModelSpec first, then sd-scripts tags)."""
-    phrase = metadata.get("modelspec.trigger_phrase", "")
-    words = [w.strip() for w in phrase.split(",") if w.strip()]
-    return words
+def prompt_loras(prompt: str, lora_dir: Path | None) -> tuple[str, list[LoraSpec]]:
+    """Take A1111's `<lora:NAME:SCALE>` tags out of `prompt`, resolving NAME in `lora_dir`."""
+    specs = []
+    for m in PROMPT_LORA.finditer(prompt):
+        name, scale = m[1].strip(), m[2]
+        candidates = [lora_dir / f"{name}{ext}" for ext in (".safetensors", "")] if lora_dir else []
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            where = f"in {lora_dir}" if lora_dir else "(pass --lora-dir to say where LoRAs are)"
+            raise SdloraError(f"<lora:{name}> in the prompt names no LoRA file {where}")
+        specs.append(LoraSpec(path, _scale(scale, m[0]) if scale else 1.0))
+    clean = re.sub(r"\s*,?\s*$", "", PROMPT_LORA.sub("", prompt)).strip(" ,")
+    return re.sub(r"\s{2,}", " ", clean), specs
+
+
+def with_triggers(prompt: str, loras: list[LoraSpec], mode: str = "warn") -> str:
+    """Apply the trigger-word policy: `auto` prepends missing trigger words; `warn` (default)
+    warns when a prompt lacks every trigger word of a LoRA that has some; `off` does nothing."""
+    lowered = prompt.lower()
+    for spec in loras:
+        words = trigger_words(spec.lora.metadata) if spec.lora else []
+        missing = [w for w in words if w.lower() not in lowered]
+        if not words or not missing:
+            continue
+        if mode == "auto":
+            prompt = ", ".join(missing + ([prompt] if prompt else []))
+            lowered = prompt.lower()
+        elif mode == "warn" and len(missing) == len(words):
+            warnings.warn(
+                f"the prompt has none of {spec.name}'s trigger words ({', '.join(words)}); "
+                "add one or pass --trigger auto",
+                stacklevel=2,
+            )
+    return prompt
+
+
+def make_scheduler(name: str, base: Base):
+    """The diffusers scheduler for sampler `name`, with the base's schedule and prediction."""
+    if name not in SAMPLERS:
+        raise SdloraError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    cls, extra, _ = SAMPLERS[name]
+    return cls.from_config({**base.scheduler.config, **extra})
+
+
+@dataclass
+class Generator:
+    """A base with LoRAs attached as peft adapters, ready to render prompts."""
+
+    base: Base
+    loras: list[LoraSpec]
+    fused: bool = False
+    model_hash: str = ""
+    """A1111's hash of a single-file base (first 10 hex digits of its sha256)."""
+
+    @classmethod
+    def load(
+        cls,
+        base: str | Base,
+        loras: list[LoraSpec] | tuple[LoraSpec, ...] = (),
+        fuse: bool = False,
+        allow_pickle: bool = False,
+    ) -> Generator:
+        """Read and check every LoRA, load the base, attach the LoRAs (fused if asked)."""
+        loras = list(loras)
+        family = base.family if isinstance(base, Base) else None
+        for spec in loras:
+            if not spec.path.is_file():
+                raise SdloraError(f"LoRA file {spec.path} does not exist")
+            spec.lora = read_lora(spec.path, allow_pickle)
+            family = family or base_family(base)
+            for note in check_family(family, spec.lora, spec.name):  # before loading the base
+                warnings.warn(note, stacklevel=2)
+        if not isinstance(base, Base):
+            base = load_base(base)
+        for i, spec in enumerate(loras):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # family notes were given above
+                check_compatible(base, spec.lora, spec.name)
+            for component, model in {"unet": base.unet, **base.text_encoders}.items():
+                if spec.lora.components.get(component):
+                    add_lora(model, spec.lora.components[component], adapter_name(i))
+        generator = cls(base, loras, model_hash=base_hash(base))
+        generator.set_scales([s.scale for s in loras])
+        if fuse and loras:
+            generator.pipeline().fuse_lora(adapter_names=generator.adapters())
+            generator.fused = True
+        return generator
+
+    def adapters(self) -> list[str]:
+        return [adapter_name(i) for i in range(len(self.loras))]
+
+    def set_scales(self, scales: list[float]) -> None:
+        """Set each LoRA's weight (not possible once fused)."""
+        if self.fused:
+            raise SdloraError("the LoRAs are fused into the weights; load again to change scales")
+        for spec, scale in zip(self.loras, scales, strict=True):
+            spec.scale = scale
+        if self.loras:
+            self.pipeline().set_adapters(self.adapters(), adapter_weights=scales)
+
+    def pipeline(self, sampler: str = "ddim"):
+        pipe = self.base.pipeline(make_scheduler(sampler, self.base))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def render(
+        self,
+        prompt: str,
+        negative: str = "",
+        steps: int = 20,
+        cfg: float = 7.5,
+        seed: int = 0,
+        size: tuple[int, int] | None = None,
+        num: int = 1,
+        sampler: str = "ddim",
+    ) -> list[Image.Image]:
+        """`num` images for `prompt`, seeds `seed`, `seed + 1`, ...; infotext in `image.info`."""
+        pipe = self.pipeline(sampler)
+        width, height = size or (self.base.unet.config.sample_size * 8,) * 2
+        images = []
+        for n in range(num):
+            image = pipe(
+                prompt,
+                negative_prompt=negative or None,
+                num_inference_steps=steps,
+                guidance_scale=cfg,
+                height=height,
+                width=width,
+                generator=torch.Generator().manual_seed(seed + n),
+            ).images[0]
+            image.info["parameters"] = infotext(
+                prompt, negative, steps, SAMPLERS[sampler][2], cfg, seed + n, (width, height),
+                self.base.name, self.model_hash, self.loras,
+            )  # fmt: skip
+            images.append(image)
+        return images
+
+
+def adapter_name(i: int) -> str:
+    return f"lora{i}"
 
 
 def generate(
@@ -60,62 +228,97 @@ def generate(
     seed: int = 0,
     size: tuple[int, int] | None = None,
     num: int = 1,
+    sampler: str = "ddim",
+    trigger: str = "warn",
+    lora_dir: str | Path | None = None,
+    fuse: bool = True,
 ) -> list[Image.Image]:
-    """Images for `prompt` from `base` with `loras` applied; infotext in `image.info`."""
-    if isinstance(base, str):
-        base = load_base(base)
-    for spec in loras:
-        if not spec.path.is_file():
-            raise SdloraError(f"LoRA file {spec.path} does not exist")
-    pipe = base.pipeline(DDIMScheduler.from_config(base.scheduler.config))
-    pipe.set_progress_bar_config(disable=True)
-    names, hashes = [], []
-    for i, spec in enumerate(loras):
-        name = f"lora{i}_{spec.path.stem}"
-        pipe.load_lora_weights(str(spec.path), adapter_name=name)
-        names.append(name)
-        model_hash = read_metadata(spec.path).get("sshs_model_hash", "")
-        hashes.append(f"{spec.path.stem}: {model_hash[:12]}")
-    if names:
-        pipe.set_adapters(names, adapter_weights=[s.scale for s in loras])
-    # The model's native size: the UNet's latent size times the VAE's scale (x8 in SD, x4 micro).
-    width, height = size or (base.unet.config.sample_size * pipe.vae_scale_factor,) * 2
-    images = []
-    for n in range(num):
-        generator = torch.Generator().manual_seed(seed + n)
-        image = pipe(
-            prompt,
-            negative_prompt=negative or None,
-            num_inference_steps=steps,
-            guidance_scale=cfg,
-            height=height,
-            width=width,
-            generator=generator,
-        ).images[0]
-        image.info["parameters"] = infotext(
-            prompt, negative, steps, "DDIM", cfg, seed + n, (width, height), base.name, hashes
-        )
+    """Images for `prompt` from `base` with `loras` applied (PIL images, infotext attached).
+
+    `<lora:NAME:SCALE>` tags in the prompt are resolved in `lora_dir`; `trigger="auto"` puts
+    missing trigger words first. LoRAs are fused into the weights (fixed scales, faster).
+    """
+    if sampler not in SAMPLERS:
+        raise SdloraError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    prompt, tagged = prompt_loras(prompt, Path(lora_dir) if lora_dir else None)
+    generator = Generator.load(base, [*loras, *tagged], fuse=fuse)
+    prompt = with_triggers(prompt, generator.loras, trigger)
+    return generator.render(prompt, negative, steps, cfg, seed, size, num, sampler)
+
+
+def grid_images(
+    generator: Generator,
+    axis: str,
+    values: list[str],
+    prompt: str,
+    **render,
+) -> tuple[list[Image.Image], list[str]]:
+    """One image per value of `axis` (`scales` or `trigger`), all from the same seed."""
+    images, labels = [], []
+    base_scales = [s.scale for s in generator.loras]
+    for value in values:
+        cell_prompt = prompt
+        if axis == "scales":
+            scale = _scale(value, f"scales={value}")
+            generator.set_scales([scale] * len(generator.loras))
+            label = f"scale {scale:g}"
+        elif axis == "trigger":
+            if value not in ("on", "off"):
+                raise SdloraError(f"--grid trigger takes on and off, got {value!r}")
+            cell_prompt = with_triggers(prompt, generator.loras, "auto" if value == "on" else "off")
+            label = f"trigger {value}"
+        else:
+            raise SdloraError(f"--grid takes scales=... or trigger=..., got {axis!r}")
+        image = generator.render(cell_prompt, num=1, **render)[0]
         images.append(image)
-    return images
+        labels.append(f"{label}: {cell_prompt}")
+    if axis == "scales":
+        generator.set_scales(base_scales)
+    return images, labels
 
 
-def infotext(prompt, negative, steps, sampler, cfg, seed, size, model, lora_hashes) -> str:
-    """A1111's `parameters` text: prompt, negative prompt, then `Key: value` settings."""
+def infotext(prompt, negative, steps, sampler, cfg, seed, size, model, model_hash, loras) -> str:
+    """A1111's `parameters` text: prompt, `Negative prompt:`, then `Key: value` settings."""
     lines = [prompt]
     if negative:
         lines.append(f"Negative prompt: {negative}")
     settings = [
         f"Steps: {steps}",
         f"Sampler: {sampler}",
-        f"CFG scale: {cfg}",
+        f"CFG scale: {cfg:g}",
         f"Seed: {seed}",
         f"Size: {size[0]}x{size[1]}",
-        f"Model: {model}",
     ]
-    if lora_hashes:
-        settings.append("Lora hashes: " + json.dumps(", ".join(lora_hashes)))
+    if model_hash:
+        settings.append(f"Model hash: {model_hash}")
+    settings.append(f"Model: {Path(model).stem}")
+    hashes = [
+        f"{s.name}: {s.lora.metadata.get('sshs_model_hash', '')[:12] or _file_autov3(s.path)}"
+        for s in loras
+        if s.lora is not None
+    ]
+    if hashes:
+        settings.append('Lora hashes: "' + ", ".join(hashes) + '"')
     lines.append(", ".join(settings))
     return "\n".join(lines)
+
+
+def base_hash(base: Base) -> str:
+    """A1111's model hash of a single-file base: first 10 hex digits of its sha256."""
+    path = Path(base.name)
+    if not path.is_file():
+        return ""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+def _file_autov3(path: Path) -> str:
+    from sdlora.lorafile import sha256_after_header
+
+    return sha256_after_header(path.read_bytes())[:12]
 
 
 def save_images(images: list[Image.Image], out_dir: Path, prefix: str = "image") -> list[Path]:
@@ -125,10 +328,6 @@ def save_images(images: list[Image.Image], out_dir: Path, prefix: str = "image")
     for image in images:
         while (out_dir / f"{prefix}_{n:05d}.png").exists():
             n += 1
-        path = save_png(
-            image,
-            out_dir / f"{prefix}_{n:05d}.png",
-            {"parameters": image.info.get("parameters", "")},
-        )
-        paths.append(path)
+        info = {"parameters": image.info.get("parameters", "")}
+        paths.append(save_png(image, out_dir / f"{prefix}_{n:05d}.png", info))
     return paths

@@ -36,7 +36,7 @@ def check_family(base_family: str, lora: Lora, lora_name: str = "this LoRA") -> 
     if not same_architecture(detection.family, base_family):
         raise IncompatibleLora(
             f"{lora_name} was trained for {FAMILIES[detection.family].title}; "
-            f"the base is {FAMILIES[base_family].title}. Use a {FAMILIES[detection.family].title} "
+            f"the base is {FAMILIES[base_family].title}. Use an {FAMILIES[detection.family].title} "
             "base, or a LoRA trained for this one"
         )
     if detection.family != base_family:

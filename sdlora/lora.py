@@ -7,6 +7,8 @@ map to peft's `r` / `lora_alpha` here and nowhere else. The update of a module i
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -117,3 +119,48 @@ def extract_lora(model: torch.nn.Module) -> dict[str, LoraModule]:
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The trainable LoRA parameters of `model`."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def add_lora(model: torch.nn.Module, modules: dict[str, LoraModule], adapter: str) -> None:
+    """Attach a LoRA read from a file to `model` as the named peft adapter (frozen).
+
+    Each module keeps its own rank and alpha (peft's `rank_pattern` / `alpha_pattern`).
+    """
+    names = {name for name, _ in model.named_modules()}
+    resolved = {_resolve(names, path): module for path, module in modules.items()}
+    ranks = [m.rank for m in resolved.values()]
+    alphas = [m.alpha for m in resolved.values()]
+    rank, alpha = max(set(ranks), key=ranks.count), max(set(alphas), key=alphas.count)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=sorted(resolved),
+        rank_pattern={_exact(p): m.rank for p, m in resolved.items() if m.rank != rank},
+        alpha_pattern={_exact(p): m.alpha for p, m in resolved.items() if m.alpha != alpha},
+    )
+    with warnings.catch_warnings():
+        # peft warns on every adapter after the first; several LoRAs at once are the point.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        model.add_adapter(config, adapter_name=adapter)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for path, module in resolved.items():
+            layer = layers[path]
+            down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+            down.copy_(module.down.reshape(down.shape))
+            up.copy_(module.up.reshape(up.shape))
+            down.requires_grad_(False)
+            up.requires_grad_(False)
+
+
+def _resolve(names: set[str], path: str) -> str:
+    """The module path among a model's `names` of a canonical path (see `extract_lora`)."""
+    for candidate in (path, "text_model." + path):
+        if candidate in names:
+            return candidate
+    raise KeyError(path)
+
+
+def _exact(path: str) -> str:
+    """A peft pattern for this module path (peft anchors it at a name boundary and the end)."""
+    return re.escape(path)

@@ -194,7 +194,8 @@ class Generator:
     ) -> list[Image.Image]:
         """`num` images for `prompt`, seeds `seed`, `seed + 1`, ...; infotext in `image.info`."""
         pipe = self.pipeline(sampler)
-        width, height = size or (self.base.unet.config.sample_size * 8,) * 2
+        # Native size: the UNet's latent size times the VAE's scale (x8 in SD, x4 micro).
+        width, height = size or (self.base.unet.config.sample_size * pipe.vae_scale_factor,) * 2
         images = []
         for n in range(num):
             image = pipe(

@@ -114,8 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from sdlora.checkpoint import Interrupted
+
     try:
         return COMMANDS[args.command](args)
+    except Interrupted as e:
+        print(f"sdlora: {e}", file=sys.stderr)
+        return e.exit_code
     except SdloraError as e:
         print(f"sdlora: error: {e}", file=sys.stderr)
         return 2
@@ -269,6 +274,8 @@ def cmd_caption(args) -> int:
 
 
 def _print_result(result) -> None:
+    if not result.is_main:
+        return
     print(f"LoRA:    {result.lora_path}")
     print(f"samples: {result.run_dir / 'samples'}")
     print(f"logs:    {result.run_dir / 'log.jsonl'} (TensorBoard: {result.run_dir / 'logs'})")

@@ -22,7 +22,8 @@ from sdlora.errors import SdloraError
 
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
-OPTIMIZERS = ("adamw",)
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+ATTENTIONS = ("sdpa", "xformers")
 LR_SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "linear", "polynomial")
 UNET_TARGETS = ("attention", "attention+ff", "all-linear")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
@@ -134,6 +135,8 @@ class LoraConfig:
     """UNet modules to adapt: `attention` (q, k, v, out), `attention+ff`, `all-linear`."""
     text_encoder: bool = True
     """Also train a LoRA on the text encoder's attention (q, k, v, out projections)."""
+    init_from: str | None = None
+    """Start from this LoRA file (same rank and targets) instead of a fresh initialisation."""
 
     def __post_init__(self):
         _check_positive("lora.rank", self.rank)
@@ -144,7 +147,9 @@ class LoraConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
-    """Number of optimizer steps."""
+    """Number of optimizer steps (ignored when `epochs` is set)."""
+    epochs: int | None = None
+    """Train for this many passes over the dataset instead (steps = epochs x steps per epoch)."""
     batch_size: int = 1
     """Images per step."""
     lr: float = 1e-4
@@ -152,7 +157,7 @@ class TrainConfig:
     text_encoder_lr: float | None = None
     """Learning rate of the text-encoder LoRA (defaults to `lr`)."""
     optimizer: str = "adamw"
-    """Optimizer: `adamw`."""
+    """`adamw`, `adamw8bit` (needs bitsandbytes) or `prodigy` (needs prodigyopt; set lr=1)."""
     weight_decay: float = 1e-2
     """AdamW weight decay."""
     lr_scheduler: str = "constant"
@@ -171,14 +176,38 @@ class TrainConfig:
     """Seed for LoRA initialisation, noise, timesteps and data order."""
     log_every: int = 1
     """Write the loss to the logs every N steps."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% slower."""
+    attention: str = "sdpa"
+    """`sdpa` (PyTorch's fused attention) or `xformers` (CUDA with xformers installed)."""
+    min_snr_gamma: float | None = None
+    """Min-SNR loss weighting with this gamma (5 is usual); unset: plain MSE."""
+    noise_offset: float = 0.0
+    """Offset noise strength (0.05-0.1 helps very dark or bright styles)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0: none)."""
+    keep_last: int = 2
+    """How many checkpoints to keep (older ones are removed once a new one is complete)."""
+    resume: str | None = None
+    """`latest` (newest checkpoint in output.dir) or a checkpoints/step_NNNNNN folder."""
     prior_images: int = 0
     """Prior preservation: images the base draws for the captions without the trigger (0: off)."""
     prior_weight: float = 1.0
     """Weight of the loss on the prior-preservation images beside the style images' loss."""
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             _check_positive(f"train.{name}", getattr(self, name))
+        if self.epochs is not None:
+            _check_positive("train.epochs", self.epochs)
+        if self.min_snr_gamma is not None:
+            _check_positive("train.min_snr_gamma", self.min_snr_gamma)
+        if self.noise_offset < 0 or self.save_every < 0:
+            raise SdloraError(
+                f"train.noise_offset and train.save_every must be >= 0, got "
+                f"{self.noise_offset} and {self.save_every}"
+            )
+        _check_choice("train.attention", self.attention, ATTENTIONS)
         if self.prior_images < 0 or self.prior_weight < 0:
             raise SdloraError(
                 f"train.prior_images and train.prior_weight must be >= 0, got "
@@ -261,6 +290,7 @@ PATH_FIELDS = {
     ("dataset", "cache_dir"),
     ("output", "dir"),
     ("model", "config_dir"),
+    ("lora", "init_from"),
 }
 
 

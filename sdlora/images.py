@@ -53,3 +53,33 @@ def save_png(image: Image.Image, path: Path, text: dict[str, str] | None = None)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return write_atomic(path, buffer.getvalue())
+
+
+def save_loss_curve(losses: list[float], path: Path, size=(640, 320)) -> Path:
+    """A plot of the loss per step (light) and its moving average (dark), as a PNG."""
+    width, height = size
+    margin = 40
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    draw.rectangle((margin, 10, width - 10, height - margin), outline="black")
+    if losses:
+        low, high = min(losses), max(losses)
+        span = (high - low) or 1.0
+        window = max(1, len(losses) // 20)
+        windows = [losses[max(0, i - window + 1) : i + 1] for i in range(len(losses))]
+        smooth = [sum(w) / len(w) for w in windows]
+
+        def point(i, value):
+            x = margin + (width - 10 - margin) * (i / max(1, len(losses) - 1))
+            y = height - margin - (height - margin - 10) * ((value - low) / span)
+            return x, y
+
+        for values, colour in ((losses, (170, 190, 230)), (smooth, (20, 60, 160))):
+            draw.line([point(i, v) for i, v in enumerate(values)], fill=colour, width=1)
+        draw.text((2, 10), f"{high:.3g}", fill="black", font=font)
+        draw.text((2, height - margin - 10), f"{low:.3g}", fill="black", font=font)
+        draw.text((margin, height - margin + 8), "step 1", fill="black", font=font)
+        draw.text((width - 80, height - margin + 8), f"step {len(losses)}", fill="black", font=font)
+    draw.text((width // 2 - 20, height - 16), "loss", fill="black", font=font)
+    return save_png(canvas, path)

@@ -127,7 +127,7 @@ def add_lora(model: torch.nn.Module, modules: dict[str, LoraModule], adapter: st
     Each module keeps its own rank and alpha (peft's `rank_pattern` / `alpha_pattern`).
     """
     names = {name for name, _ in model.named_modules()}
-    resolved = {_resolve(names, path): module for path, module in modules.items()}
+    resolved = {resolve_path(names, path): module for path, module in modules.items()}
     ranks = [m.rank for m in resolved.values()]
     alphas = [m.alpha for m in resolved.values()]
     rank, alpha = max(set(ranks), key=ranks.count), max(set(alphas), key=alphas.count)
@@ -153,7 +153,7 @@ def add_lora(model: torch.nn.Module, modules: dict[str, LoraModule], adapter: st
             up.requires_grad_(False)
 
 
-def _resolve(names: set[str], path: str) -> str:
+def resolve_path(names: set[str], path: str) -> str:
     """The module path among a model's `names` of a canonical path (see `extract_lora`)."""
     for candidate in (path, "text_model." + path):
         if candidate in names:

@@ -7,8 +7,10 @@ The per-step maths is `diffusion_loss()`.
 from __future__ import annotations
 
 import json
-import random
+import math
+import resource
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,12 +19,21 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
 from tqdm.auto import tqdm
 
 from sdlora import export
 from sdlora.buckets import bucket_batches
 from sdlora.cache import LatentCache, TextCache
 from sdlora.captions import augment_caption
+from sdlora.checkpoint import (
+    Interrupted,
+    Rngs,
+    StopOnSignal,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from sdlora.config import Config, DatasetConfig, config_to_toml, load_config
 from sdlora.dataset import (
     Problem,
@@ -30,20 +41,26 @@ from sdlora.dataset import (
     epoch_plan,
     folder_counts,
     scan_folder,
+    steps_per_epoch,
     summarise_problems,
     tag_frequency,
 )
 from sdlora.decode import parse_colour
 from sdlora.errors import SdloraError
-from sdlora.images import save_grid
+from sdlora.families import FAMILIES, same_architecture
+from sdlora.guard import IncompatibleLora, check_compatible
+from sdlora.images import save_grid, save_loss_curve
 from sdlora.lora import (
+    ADAPTER,
     TEXT_ENCODER_ATTENTION,
     UNET_TARGET_PRESETS,
     Lora,
     extract_lora,
     inject_lora,
-    lora_parameters,
+    lora_layers,
+    resolve_path,
 )
+from sdlora.lorafile import read_lora
 from sdlora.models import Base, load_base
 from sdlora.prior import PriorSet, generate_prior
 from sdlora.report import decode_latents, learning_report, set_adapters, summary
@@ -62,6 +79,8 @@ class TrainResult:
     skipped: list[Problem] = field(default_factory=list)
     learning: dict | None = None
     """The learning report (learning_report.json), when one was made."""
+    is_main: bool = True
+    """False in the other processes of a multi-process run (they write nothing)."""
 
 
 def diffusion_loss(
@@ -72,15 +91,31 @@ def diffusion_loss(
     noise: torch.Tensor,  # like latents
     timesteps: torch.Tensor,  # (B,) ints in [0, num_train_timesteps)
     added_cond: dict | None = None,  # SDXL: pooled text embeddings and time ids
+    min_snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """Mean squared error between the UNet's prediction and its target (ε or v)."""
+    """Mean squared error between the UNet's prediction and its target (ε or v).
+
+    With `min_snr_gamma`, each sample's error is weighted by min(SNR, γ) / SNR (ε) or
+    min(SNR, γ) / (SNR + 1) (v), so easy low-noise steps stop dominating (Hang et al. 2023).
+    """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    return F.mse_loss(pred.float(), target.float())
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if min_snr_gamma:
+        snr = compute_snr(noise_scheduler, timesteps)
+        loss = loss * snr.clamp(max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
+    return loss.mean()
+
+
+def make_noise(shape, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise; with `offset`, plus a per-channel constant that lets the model learn
+    overall brightness (offset noise)."""
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise += offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator)
+    return noise
 
 
 def prior_loss(base: Base, prior: PriorSet, text_for, size: int, generator, device):
@@ -99,38 +134,41 @@ def prior_loss(base: Base, prior: PriorSet, text_for, size: int, generator, devi
 def train(
     config: Config | str | Path, overrides: tuple[str, ...] = (), progress: bool = True
 ) -> TrainResult:
-    """Train a style LoRA as `config` says; returns the paths written."""
+    """Train a style LoRA as `config` says; returns the paths written.
+
+    Runs in one process, or in several under `accelerate launch` (each process takes its own
+    batches; gradients are averaged; only the main process writes).
+    """
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     c_data, c_lora, c_train, c_out = config.dataset, config.lora, config.train, config.output
     run_dir = Path(c_out.dir)
     lora_path = run_dir / f"{c_out.name}.safetensors"
-    if lora_path.exists() and not c_out.overwrite:
+    if lora_path.exists() and not (c_out.overwrite or c_train.resume):
         raise SdloraError(
             f"{lora_path} already exists; choose another output.dir or output.name, "
             "or set output.overwrite=true"
         )
+    resume_from = find_checkpoint(run_dir, c_train.resume) if c_train.resume else None
 
-    # Data first: every file decoded, a bad folder fails before any model loads.
-    scan = scan_dataset(c_data)
-    scan.require_examples()
-    print(f"sdlora: {scan.root}: {len(scan.examples)} usable images, {len(scan.skipped)} skipped")
-    for line in summarise_problems(scan):
-        print(f"  {line}")
-    print(f"  {epoch_plan(scan, c_train.steps, c_train.batch_size, c_train.grad_accum)}")
-    print(f"  buckets: {', '.join(f'{b} ({n})' for b, n in scan.bucket_counts().items())}")
-
-    # Devices and precision.
+    # Devices, precision and processes.
     if c_train.device == "cuda" and not torch.cuda.is_available():
         raise SdloraError("train.device is cuda but no CUDA device is available; use cpu or auto")
     if c_train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise SdloraError("train.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
-    accelerator = Accelerator(
-        mixed_precision=c_train.mixed_precision,
-        cpu=c_train.device == "cpu",
-        gradient_accumulation_steps=c_train.grad_accum,
-    )
-    device = accelerator.device
+    accelerator = Accelerator(mixed_precision=c_train.mixed_precision, cpu=c_train.device == "cpu")
+    device, main = accelerator.device, accelerator.is_main_process
+    say = print if main else _quiet
+
+    # Data first: every file decoded, a bad folder fails before any model loads.
+    scan = scan_dataset(c_data)
+    scan.require_examples()
+    steps = total_steps(scan, c_train)
+    say(f"sdlora: {scan.root}: {len(scan.examples)} usable images, {len(scan.skipped)} skipped")
+    for line in summarise_problems(scan):
+        say(f"  {line}")
+    say(f"  {epoch_plan(scan, steps, c_train.batch_size, c_train.grad_accum)}")
+    say(f"  buckets: {', '.join(f'{b} ({n})' for b, n in scan.bucket_counts().items())}")
 
     # The frozen base, with LoRA layers on its attention.
     base = load_base(
@@ -151,13 +189,17 @@ def train(
         else:
             encoder.requires_grad_(False)
     base.vae.requires_grad_(False)
+    if c_lora.init_from:
+        start_from_lora(base, Path(c_lora.init_from), c_lora.alpha)
     for module in (base.unet, base.vae, *base.text_encoders.values()):
         module.to(device)
     check_resolution(base, c_data.resolution)
+    configure_memory(base, c_train, device)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
-    print(f"sdlora: training {base.family} LoRA on {len(scan.examples)} images -> {run_dir}")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
+    say(f"sdlora: training {base.family} LoRA on {len(scan.examples)} images -> {run_dir}")
 
     # Frozen models' outputs are computed once: latents per image and flip, text per caption.
     cache_dir = Path(c_data.cache_dir) if c_data.cache_dir else None
@@ -181,149 +223,205 @@ def train(
             size=c_data.resolution,
         )
         set_adapters(base, True)
-        print(f"  prior preservation: {len(prior.captions)} images drawn by the base")
-    prior_gen = torch.Generator().manual_seed(c_train.seed + 2)
+        say(f"  prior preservation: {len(prior.captions)} images drawn by the base")
 
-    # Optimizer and learning-rate schedule.
-    groups = [{"params": lora_parameters(base.unet), "lr": c_train.lr}]
+    # Optimizer, learning-rate schedule, random streams; a resumed run restores all of them.
+    params = {
+        name: dict(_named_lora_parameters(model))
+        for name, model in {"unet": base.unet, **base.text_encoders}.items()
+        if name == "unet" or train_te
+    }
+    groups = [{"params": list(params["unet"].values()), "lr": c_train.lr}]
     if train_te:
         te_lr = c_train.text_encoder_lr if c_train.text_encoder_lr is not None else c_train.lr
-        te_params = [p for e in base.text_encoders.values() for p in lora_parameters(e)]
+        te_params = [p for name, ps in params.items() if name != "unet" for p in ps.values()]
         groups.append({"params": te_params, "lr": te_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=c_train.weight_decay)
+    optimizer = make_optimizer(c_train.optimizer, groups, c_train.weight_decay)
     lr_schedule = get_scheduler(
         c_train.lr_scheduler,
         optimizer,
         num_warmup_steps=c_train.warmup_steps,
-        num_training_steps=c_train.steps,
+        num_training_steps=steps,
     )
-    trainable = [base.unet, *(base.text_encoders.values() if train_te else ())]
-    prepared = accelerator.prepare(*trainable, optimizer, lr_schedule)
-    optimizer, lr_schedule = prepared[-2], prepared[-1]
+    scaler = torch.amp.GradScaler("cuda", enabled=c_train.mixed_precision == "fp16")
+    rngs = Rngs.seeded(c_train.seed, accelerator.process_index)
+    start = 0
+    if resume_from is not None:
+        start = resume(resume_from, base, params, optimizer, lr_schedule, scaler, rngs)
+        say(f"  resumed from {resume_from} at step {start}")
+    flat_params = {f"{c}.{n}": p for c, ps in params.items() for n, p in ps.items()}
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
 
-    # Sampling, logs, the loop.
-    samples = [sample(base, config, run_dir, step=0, device=device)]
-    log_path = run_dir / "log.jsonl"
-    writer = _tensorboard(run_dir / "logs")
-    data_gen = torch.Generator().manual_seed(c_train.seed)
-    noise_gen = torch.Generator().manual_seed(c_train.seed + 1)
+    # Batches: one order for all processes; each process takes every n-th batch.
     order = bucket_batches(
         [e.bucket for e in scan.examples],
         [e.repeats for e in scan.examples],
         c_train.batch_size,
-        data_gen,
+        torch.Generator().manual_seed(c_train.seed),
     )
-    augment_rng = random.Random(c_train.seed)  # flips, random crops, caption variants
-    losses: list[float] = []
+    for _ in range(start * c_train.grad_accum * accelerator.num_processes):
+        next(order)  # a resumed run continues the same sequence of batches
+
+    # Sampling, logs, the loop.
+    samples = [sample(base, config, run_dir, step=0, device=device)] if main and not start else []
+    writer = _tensorboard(run_dir / "logs") if main else None
+    log_path = run_dir / "log.jsonl"
+    if main:
+        _truncate_log(log_path, start)
+    losses = [json.loads(line)["loss"] for line in _read_lines(log_path)] if main else []
+    peak = PeakMemory(device)
     started = time.time()
-    bar = tqdm(total=c_train.steps, desc="train", unit="step", disable=not progress)
-    for module in trainable:
-        module.train()
-    with log_path.open("w", encoding="utf-8") as log:
-        for step in range(1, c_train.steps + 1):
-            step_loss = 0.0
+    bar = tqdm(
+        total=steps, initial=start, desc="train", unit="step", disable=not (progress and main)
+    )
+    base.unet.train()
+    for encoder in base.text_encoders.values():
+        encoder.train(train_te)
+    saved = None
+    with StopOnSignal() as stop:
+        for step in range(start + 1, steps + 1):
+            step_loss, names = 0.0, []
             for _ in range(c_train.grad_accum):
-                idx = next(order)
-                with accelerator.accumulate(*trainable):
-                    batch_latents, captions, geometry = _batch(
-                        scan, idx, latents, c_data, augment_rng
-                    )
-                    batch_latents = batch_latents.to(device)  # (B, 4, H/8, W/8), one bucket
-                    text, pooled = text_for(captions)
-                    noise = torch.randn(batch_latents.shape, generator=noise_gen).to(device)
-                    timesteps = torch.randint(
-                        0,
-                        base.scheduler.config.num_train_timesteps,
-                        (len(idx),),
-                        generator=noise_gen,
-                    ).to(device)
-                    with accelerator.autocast():
-                        loss = diffusion_loss(
-                            base.unet,
-                            base.scheduler,
-                            batch_latents,
-                            text,
-                            noise,
-                            timesteps,
-                            _added_cond(base, pooled, geometry, device),
-                        )
-                        if prior is not None:
-                            loss = loss + c_train.prior_weight * prior_loss(
-                                base, prior, text_for, len(idx), prior_gen, device
-                            )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and c_train.max_grad_norm > 0:
-                        params = [p for g in optimizer.param_groups for p in g["params"]]
-                        accelerator.clip_grad_norm_(params, c_train.max_grad_norm)
-                    optimizer.step()
-                    lr_schedule.step()
-                    optimizer.zero_grad(set_to_none=True)
-                step_loss += loss.item() / c_train.grad_accum
-            if not torch.isfinite(torch.tensor(step_loss)):
-                names = ", ".join(scan.examples[i].path.name for i in idx)
-                raise SdloraError(
-                    f"loss became {step_loss} at step {step} (batch: {names}); "
-                    "lower train.lr or use train.mixed_precision=no"
+                idx = _take(order, accelerator)
+                batch_latents, captions, geometry = _batch(scan, idx, latents, c_data, rngs.augment)
+                batch_latents = batch_latents.to(device)  # (B, 4, H/8, W/8), one bucket
+                names += [scan.examples[i].path.name for i in idx]
+                text, pooled = text_for(captions)
+                noise = make_noise(batch_latents.shape, rngs.noise, c_train.noise_offset)
+                timesteps = torch.randint(
+                    0, base.scheduler.config.num_train_timesteps, (len(idx),), generator=rngs.noise
                 )
+                with accelerator.autocast(), out_of_memory_advice(step):
+                    loss = diffusion_loss(
+                        base.unet,
+                        base.scheduler,
+                        batch_latents,
+                        text,
+                        noise.to(device),
+                        timesteps.to(device),
+                        _added_cond(base, pooled, geometry, device),
+                        min_snr_gamma=c_train.min_snr_gamma,
+                    )
+                    if prior is not None:
+                        loss = loss + c_train.prior_weight * prior_loss(
+                            base, prior, text_for, len(idx), rngs.prior, device
+                        )
+                    scaler.scale(loss / c_train.grad_accum).backward()
+                step_loss += loss.item() / c_train.grad_accum
+            if not math.isfinite(step_loss):
+                raise SdloraError(
+                    f"loss became {step_loss} at step {step} (batch: {', '.join(names)}); "
+                    "nothing was saved from this step. Lower train.lr or use "
+                    "train.mixed_precision=no, then resume from the last checkpoint"
+                )
+
+            # One optimizer step on gradients averaged over processes.
+            scaler.unscale_(optimizer)
+            if accelerator.num_processes > 1:
+                for p in trainable:
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                trainable, c_train.max_grad_norm if c_train.max_grad_norm > 0 else float("inf")
+            ).item()
+            scaler.step(optimizer)
+            scaler.update()
+            lr_schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "mean").item()
             losses.append(step_loss)
             lr = lr_schedule.get_last_lr()[0]
-            if step % c_train.log_every == 0 or step == c_train.steps:
-                log.write(json.dumps({"step": step, "loss": step_loss, "lr": lr}) + "\n")
+            if main and (step % c_train.log_every == 0 or step == steps):
+                with log_path.open("a", encoding="utf-8") as log:
+                    log.write(json.dumps({"step": step, "loss": step_loss, "lr": lr}) + "\n")
                 writer.add_scalar("train/loss", step_loss, step)
                 writer.add_scalar("train/lr", lr, step)
+                writer.add_scalar("train/grad_norm", grad_norm, step)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             bar.update(1)
-            if config.sample.every and step % config.sample.every == 0 and step < c_train.steps:
+            peak.update()
+            should_save = c_train.save_every and step % c_train.save_every == 0
+            if main and (should_save or stop.signum is not None):
+                check_finite(flat_params, step)
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "lr_schedule": lr_schedule.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rngs": rngs.state(),
+                    "family": base.family,
+                }
+                saved = save_checkpoint(run_dir, step, flat_params, state, c_train.keep_last)
+            if stop.signum is not None:
+                accelerator.wait_for_everyone()
+                raise Interrupted(
+                    f"stopped by signal {stop.signum} after step {step}; checkpoint {saved}. "
+                    f"Resume with: sdlora train {run_dir / 'config.toml'} train.resume=latest",
+                    stop.signum,
+                )
+            if main and config.sample.every and step % config.sample.every == 0 and step < steps:
                 samples.append(sample(base, config, run_dir, step=step, device=device))
     bar.close()
-    writer.close()
     wall = time.time() - started
+    agree = ranks_agree(flat_params, accelerator)
 
-    # The LoRA file first, then the last samples.
-    lora = collect_lora(base, accelerator)
-    metadata = export.build_metadata(
-        family=base.family,
-        title=c_out.name,
-        rank=c_lora.rank,
-        alpha=c_lora.alpha,
-        trigger_words=[c_data.trigger],
-        resolution=c_data.resolution,
-        base_name=base.name,
-        tag_frequency=tag_frequency(scan),
-        training=training_metadata(config, scan, started, train_te),
-    )
-    export.save_kohya(lora_path, lora, base.family, metadata, dtype=c_out.dtype)
-    samples.append(sample(base, config, run_dir, step=c_train.steps, device=device))
-
-    # Did it learn the style, and only behind the trigger? (learning_report.json, ab_grid.png)
+    # The LoRA file first, then the last samples and the report (main process only).
+    check_finite(flat_params, steps)
     learning = None
-    if config.sample.report_images:
-        style = [decode_latents(base, latents.get(e)[0].to(device))[0] for e in scan.examples]
-        learning = learning_report(
-            base,
-            style,
-            [e.caption for e in scan.examples],
-            c_data.trigger,
-            run_dir,
-            images=config.sample.report_images,
-            seed=config.sample.seed + 1000,
-            steps=config.sample.steps,
-            cfg=config.sample.cfg,
-            size=c_data.resolution,
+    if main:
+        writer.close()
+        lora = collect_lora(base)
+        metadata = export.build_metadata(
+            family=base.family,
+            title=c_out.name,
+            rank=c_lora.rank,
+            alpha=c_lora.alpha,
+            trigger_words=[c_data.trigger],
+            resolution=c_data.resolution,
+            base_name=base.name,
+            tag_frequency=tag_frequency(scan),
+            training=training_metadata(config, scan, started, train_te, steps),
         )
-        print(summary(learning))
-    report = {
-        "steps": c_train.steps,
-        "wall_time_s": round(wall, 3),
-        "samples_per_s": round(c_train.steps * c_train.batch_size * c_train.grad_accum / wall, 3),
-        "final_loss": losses[-1],
-        "lora": str(lora_path),
-        "images": len(scan.examples),
-        "skipped": [{"file": str(p.path), "reason": p.reason} for p in scan.skipped],
-        "warnings": [{"file": str(p.path), "reason": p.reason} for p in scan.warnings],
-    }
-    (run_dir / "run.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    return TrainResult(run_dir, lora_path, base, samples, losses, scan.skipped, learning)
+        export.save_kohya(lora_path, lora, base.family, metadata, dtype=c_out.dtype)
+        samples.append(sample(base, config, run_dir, step=steps, device=device))
+        save_loss_curve(losses, run_dir / "loss.png")
+
+        # Did it learn the style, and only behind the trigger? (learning_report.json, ab_grid.png)
+        if config.sample.report_images:
+            style = [decode_latents(base, latents.get(e)[0].to(device))[0] for e in scan.examples]
+            learning = learning_report(
+                base,
+                style,
+                [e.caption for e in scan.examples],
+                c_data.trigger,
+                run_dir,
+                images=config.sample.report_images,
+                seed=config.sample.seed + 1000,
+                steps=config.sample.steps,
+                cfg=config.sample.cfg,
+                size=c_data.resolution,
+            )
+            say(summary(learning))
+        done = steps - start
+        report = {
+            "steps": steps,
+            "resumed_at": start,
+            "wall_time_s": round(wall, 3),
+            "samples_per_s": round(
+                done * c_train.batch_size * c_train.grad_accum * accelerator.num_processes / wall,
+                3,
+            ),
+            "peak_memory_mb": peak.megabytes(),
+            "processes": accelerator.num_processes,
+            "ranks_agree": agree,
+            "final_loss": losses[-1],
+            "lora": str(lora_path),
+            "images": len(scan.examples),
+            "skipped": [{"file": str(p.path), "reason": p.reason} for p in scan.skipped],
+            "warnings": [{"file": str(p.path), "reason": p.reason} for p in scan.warnings],
+        }
+        (run_dir / "run.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir, lora_path, base, samples, losses, scan.skipped, learning, main)
 
 
 def vae_scale(base: Base) -> int:
@@ -413,11 +511,11 @@ def _added_cond(base: Base, pooled, geometry: list[tuple], device) -> dict | Non
     return {"text_embeds": pooled, "time_ids": ids.to(device)}
 
 
-def collect_lora(base: Base, accelerator: Accelerator) -> Lora:
+def collect_lora(base: Base) -> Lora:
     """The trained adapters of every component in the canonical form."""
-    components = {"unet": extract_lora(accelerator.unwrap_model(base.unet))}
+    components = {"unet": extract_lora(base.unet)}
     for name, encoder in base.text_encoders.items():
-        modules = extract_lora(accelerator.unwrap_model(encoder))
+        modules = extract_lora(encoder)
         if modules:
             components[name] = modules
     return Lora(components=components, family=base.family)
@@ -451,7 +549,9 @@ def sample(base: Base, config: Config, run_dir: Path, step: int, device) -> Path
     return path
 
 
-def training_metadata(config: Config, scan: Scan, started: float, train_te: bool) -> dict:
+def training_metadata(
+    config: Config, scan: Scan, started: float, train_te: bool, steps: int
+) -> dict:
     """The training-run `ss_*` fields (without prefix), all strings."""
     t = config.train
     te_lr = (t.text_encoder_lr if t.text_encoder_lr is not None else t.lr) if train_te else 0.0
@@ -459,10 +559,10 @@ def training_metadata(config: Config, scan: Scan, started: float, train_te: bool
         "learning_rate": str(t.lr),
         "unet_lr": str(t.lr),
         "text_encoder_lr": str(te_lr),
-        "steps": str(t.steps),
-        "max_train_steps": str(t.steps),
-        "epoch": str(max(1, t.steps * t.batch_size * t.grad_accum // _per_epoch(scan))),
-        "optimizer": "torch.optim.AdamW",
+        "steps": str(steps),
+        "max_train_steps": str(steps),
+        "epoch": str(-(-steps // steps_per_epoch(scan, t.batch_size, t.grad_accum))),
+        "optimizer": OPTIMIZER_NAMES[t.optimizer],
         "lr_scheduler": t.lr_scheduler,
         "lr_warmup_steps": str(t.warmup_steps),
         "mixed_precision": t.mixed_precision,
@@ -483,8 +583,8 @@ def training_metadata(config: Config, scan: Scan, started: float, train_te: bool
         "training_started_at": str(started),
         "training_finished_at": str(time.time()),
         "clip_skip": "None",
-        "noise_offset": "None",
-        "min_snr_gamma": "None",
+        "noise_offset": str(t.noise_offset) if t.noise_offset else "None",
+        "min_snr_gamma": str(t.min_snr_gamma),
         "network_train_unet_only": str(not train_te),
     }
 
@@ -497,3 +597,184 @@ def _tensorboard(log_dir: Path):
 
 def _per_epoch(scan: Scan) -> int:
     return max(1, sum(e.repeats for e in scan.examples))
+
+
+# sd-scripts records the optimizer's class path in `ss_optimizer`.
+OPTIMIZER_NAMES = {
+    "adamw": "torch.optim.AdamW",
+    "adamw8bit": "bitsandbytes.optim.AdamW8bit",
+    "prodigy": "prodigyopt.Prodigy",
+}
+
+
+def total_steps(scan: Scan, c_train) -> int:
+    """`train.steps`, or `train.epochs` passes over the (repeated) images."""
+    if c_train.epochs is None:
+        return c_train.steps
+    return c_train.epochs * steps_per_epoch(scan, c_train.batch_size, c_train.grad_accum)
+
+
+def make_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer `train.optimizer` names; the optional ones say how to install them."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise SdloraError(
+                "train.optimizer=adamw8bit needs bitsandbytes (CUDA): pip install bitsandbytes"
+            ) from None
+        return bitsandbytes.optim.AdamW8bit(groups, weight_decay=weight_decay)
+    try:
+        from prodigyopt import Prodigy
+    except ImportError:
+        raise SdloraError(
+            "train.optimizer=prodigy needs prodigyopt: pip install prodigyopt"
+        ) from None
+    return Prodigy(groups, weight_decay=weight_decay)
+
+
+def configure_memory(base: Base, c_train, device: torch.device) -> None:
+    """Gradient checkpointing and the attention kernel, as the config asks."""
+    if c_train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        for encoder in base.text_encoders.values():
+            encoder.gradient_checkpointing_enable({"use_reentrant": False})
+    if c_train.attention == "xformers":
+        if device.type != "cuda":
+            raise SdloraError("train.attention=xformers needs a CUDA device; use sdpa")
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise SdloraError(
+                "train.attention=xformers but xformers is not installed: "
+                "pip install 'sdlora[xformers]', or use sdpa"
+            ) from None
+        base.unet.enable_xformers_memory_efficient_attention()
+
+
+def start_from_lora(base: Base, path: Path, alpha: float) -> None:
+    """Load an existing LoRA into the freshly injected adapters (after the version guard)."""
+    lora = read_lora(path)
+    check_compatible(base, lora, path.name)
+    for component, modules in lora.components.items():
+        model = {"unet": base.unet, **base.text_encoders}[component]
+        layers = lora_layers(model)
+        names = set(layers)
+        for module_path, module in modules.items():
+            try:
+                layer = layers[resolve_path(names, module_path)]
+            except KeyError:
+                raise SdloraError(
+                    f"lora.init_from {path.name} adapts {component}:{module_path}, which this "
+                    "run does not train; match lora.unet_targets and lora.text_encoder to it"
+                ) from None
+            if module.rank != layer.r[ADAPTER]:
+                raise SdloraError(
+                    f"lora.init_from {path.name} has rank {module.rank}; set lora.rank to match"
+                )
+            with torch.no_grad():
+                down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                down.copy_(module.down.reshape(down.shape))
+                # The update stays the file's own: its alpha may differ from lora.alpha.
+                up.copy_(module.up.reshape(up.shape) * (module.alpha / alpha))
+
+
+def resume(path: Path, base: Base, params, optimizer, lr_schedule, scaler, rngs) -> int:
+    """Restore LoRA weights, optimizer, schedule and random streams; return the step."""
+    tensors, state = load_checkpoint(path)
+    if not same_architecture(state.get("family", base.family), base.family):
+        raise IncompatibleLora(
+            f"checkpoint {path} was trained on {FAMILIES[state['family']].title}; "
+            f"the base is {FAMILIES[base.family].title}"
+        )
+    flat = {f"{c}.{n}": p for c, ps in params.items() for n, p in ps.items()}
+    differ = sorted(set(flat) ^ set(tensors))
+    differ += [k for k in flat if k in tensors and tensors[k].shape != flat[k].shape]
+    if differ:
+        raise IncompatibleLora(
+            f"checkpoint {path} does not match this run's LoRA ({len(differ)} parameter(s) "
+            f"differ, first: {', '.join(differ[:3])}); resume with the config it was made with "
+            f"({path.parent.parent / 'config.toml'})"
+        )
+    with torch.no_grad():
+        for name, param in flat.items():
+            param.copy_(tensors[name])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    scaler.load_state_dict(state["scaler"])
+    rngs.restore(state["rngs"])
+    return int(state["step"])
+
+
+def _named_lora_parameters(model: torch.nn.Module):
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _take(order, accelerator: Accelerator) -> list[int]:
+    """This process's batch: of every `num_processes` batches, the one at its index."""
+    batches = [next(order) for _ in range(accelerator.num_processes)]
+    return batches[accelerator.process_index]
+
+
+@contextmanager
+def out_of_memory_advice(step: int):
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise SdloraError(
+            f"out of memory at step {step}: lower train.batch_size or dataset.resolution, or set "
+            "train.gradient_checkpointing=true and train.mixed_precision=bf16"
+        ) from None
+
+
+def check_finite(params: dict[str, torch.Tensor], step: int) -> None:
+    """Refuse to write LoRA weights holding NaN or infinity."""
+    for name, param in params.items():
+        if not torch.isfinite(param).all():
+            raise SdloraError(
+                f"LoRA weight {name} is not finite at step {step}; nothing was written. "
+                "Lower train.lr and resume from the last checkpoint"
+            )
+
+
+def ranks_agree(params: dict[str, torch.Tensor], accelerator: Accelerator) -> bool:
+    """Whether every process holds the same LoRA weights (a checksum compared across ranks)."""
+    if accelerator.num_processes == 1:
+        return True
+    total = torch.stack([p.detach().double().sum() for p in params.values()]).sum()
+    sums = accelerator.gather(total.reshape(1).to(accelerator.device))
+    return bool(torch.all(sums == sums[0]))
+
+
+class PeakMemory:
+    """Peak memory of the run: CUDA allocations on a GPU, the process's resident set on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        self.device = device
+
+    def update(self) -> None:
+        """Kept for symmetry with CUDA's counter; both sources track their own peak."""
+
+    def megabytes(self) -> float:
+        if self.cuda:
+            return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the log's lines up to `step` (all of a fresh run's are dropped)."""
+    kept = [line for line in _read_lines(path) if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def _quiet(*args, **kwargs) -> None:
+    """`print` for the processes that are not the main one."""

@@ -40,6 +40,7 @@ def tiny_overrides(dataset: Path, out: Path, steps: int = 3) -> list[str]:
         "lora.rank=4",
         "lora.alpha=2",
         "sample.steps=2",
+        "sample.report_images=2",
         'sample.prompts=["{trigger}, a circle"]',
     ]
 

@@ -23,8 +23,11 @@ def test_train_writes_exactly_the_run_files(style_dir, tmp_path, capsys):
     events = [f for f in files if f.startswith("logs/events.out.tfevents")]
     assert len(events) == 1
     assert [f for f in files if f not in events] == [
+        "ab_grid.png",
         "config.toml",
+        "learning_report.json",
         "log.jsonl",
+        "loss.png",
         "run.json",
         "samples/step_000000.png",
         "samples/step_000003.png",

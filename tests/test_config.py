@@ -52,7 +52,7 @@ def test_unknown_section_is_named(tmp_path):
         ("sample.prompts=3", r"sample\.prompts must be a list of strings"),
         ("lora.alpha=-1", r"lora\.alpha must be > 0, got -1"),
         ("train.mixed_precision=fp8", r"train\.mixed_precision must be one of no, fp16, bf16"),
-        ("dataset.resolution=500", r"dataset\.resolution must be a multiple of 64"),
+        ("dataset.resolution=500", r"dataset\.resolution must be a multiple of 32"),
         ("steps=3", r"must look like section\.key=value"),
     ],
 )

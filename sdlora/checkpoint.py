@@ -1,0 +1,161 @@
+"""Training checkpoints: written atomically, resumed exactly, stopped cleanly on a signal.
+
+A checkpoint is a folder `checkpoints/step_NNNNNN/` holding the LoRA parameters
+(`lora.safetensors`), the optimizer, LR-schedule and random-generator states (`state.pt`, read
+back with `weights_only=True`) and a `COMPLETE` marker written last. It is assembled in a
+temporary folder, flushed and renamed into place, so a crash leaves either the whole
+checkpoint or none; older checkpoints are removed only after a new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from sdlora.errors import SdloraError
+
+MARKER = "COMPLETE"
+PREFIX = "step_"
+
+
+@dataclass
+class Rngs:
+    """The random streams a resumed run must continue, seeded from the seed and process rank.
+
+    The batch order is not among them: it is replayed from the seed on resume.
+    """
+
+    noise: torch.Generator  # noise and timesteps: per process
+    prior: torch.Generator  # prior-preservation batches, their noise and timesteps
+    augment: random.Random  # flips, crops, caption shuffles and dropout: per process
+
+    @classmethod
+    def seeded(cls, seed: int, rank: int = 0) -> Rngs:
+        return cls(
+            noise=torch.Generator().manual_seed(seed + 1 + 1000 * rank),
+            prior=torch.Generator().manual_seed(seed + 2 + 1000 * rank),
+            augment=random.Random(seed + 1000 * rank),
+        )
+
+    def state(self) -> dict:
+        return {
+            "noise": self.noise.get_state(),
+            "prior": self.prior.get_state(),
+            # random.Random's state as plain ints, loadable with weights_only=True
+            "augment": list(self.augment.getstate()[1]) + [self.augment.getstate()[0]],
+            "augment_gauss": self.augment.getstate()[2],
+        }
+
+    def restore(self, state: dict) -> None:
+        self.noise.set_state(state["noise"])
+        self.prior.set_state(state["prior"])
+        *internal, version = state["augment"]
+        self.augment.setstate((version, tuple(internal), state["augment_gauss"]))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    params: dict[str, torch.Tensor],
+    state: dict,
+    keep_last: int,
+) -> Path:
+    """Write checkpoint `step` atomically; then drop all but the newest `keep_last`."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
+        safetensors.torch.save_file(tensors, tmp / "lora.safetensors")
+        torch.save({**state, "step": step}, tmp / "state.pt")
+        (tmp / MARKER).write_text(f"{step}\n")
+        for path in tmp.iterdir():
+            with path.open("rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (half-written ones are ignored)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{PREFIX}*") if (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def find_checkpoint(run_dir: Path, spec: str) -> Path:
+    """`latest` (the newest complete checkpoint of `run_dir`) or a checkpoint folder path."""
+    if spec == "latest":
+        found = complete_checkpoints(run_dir)
+        if not found:
+            raise SdloraError(
+                f"train.resume=latest but {run_dir / 'checkpoints'} holds no complete checkpoint"
+            )
+        return found[-1]
+    path = Path(spec).expanduser()
+    if not (path / MARKER).is_file():
+        raise SdloraError(
+            f"{path} is not a complete sdlora checkpoint (no {MARKER} marker); "
+            "pass a checkpoints/step_NNNNNN folder or train.resume=latest"
+        )
+    return path
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(LoRA parameters, training state) of a complete checkpoint."""
+    params = safetensors.torch.load_file(path / "lora.safetensors")
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    return params, state
+
+
+class Interrupted(SdloraError):
+    """The run was stopped by a signal after writing a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopOnSignal:
+    """While active, SIGINT/SIGTERM only ask the loop to stop after the current step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopOnSignal:
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): signals stay as they are
+            self._previous.clear()
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,212 @@
+"""The training engine: exact resume, signals, faults, options, several processes."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import tiny_overrides
+from safetensors.torch import load_file
+
+from sdlora import load_config, train
+from sdlora.checkpoint import MARKER, complete_checkpoints
+from sdlora.errors import SdloraError
+from sdlora.guard import IncompatibleLora
+from sdlora.models import load_base
+from sdlora.train import diffusion_loss, encode_text
+
+# Augmentations and a schedule with state, so resuming must restore every random stream.
+RICH = [
+    "dataset.flip=true",
+    "dataset.shuffle_tags=true",
+    "dataset.caption_dropout=0.2",
+    "train.lr_scheduler=cosine",
+    "train.warmup_steps=1",
+    "train.noise_offset=0.05",
+    "train.min_snr_gamma=5",
+    "output.dtype=fp32",
+    "sample.report_images=0",
+]
+
+
+def _config(style_dir, out, steps, *extra):
+    return load_config(None, tiny_overrides(style_dir, out, steps) + RICH + list(extra))
+
+
+def test_resume_gives_bit_identical_weights_and_logs(style_dir, tmp_path):
+    straight = tmp_path / "straight"
+    train(_config(style_dir, straight, 4, "train.save_every=2"), progress=False)
+    assert [p.name for p in complete_checkpoints(straight)] == ["step_000002", "step_000004"]
+
+    # The same run stopped after step 2: its folder as it was then, resumed from there.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    (resumed / "style.safetensors").unlink()
+    config = _config(style_dir, resumed, 4, "train.save_every=2", "train.resume=latest")
+    result = train(config, progress=False)
+    assert json.loads((resumed / "run.json").read_text())["resumed_at"] == 2
+
+    a, b = load_file(straight / "style.safetensors"), load_file(resumed / "style.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight / "log.jsonl").read_text() == (resumed / "log.jsonl").read_text()
+    assert len(result.losses) == 4
+
+
+def test_checkpoints_are_complete_and_pruned(style_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_config(style_dir, out, 3, "train.save_every=1", "train.keep_last=2"), progress=False)
+    found = complete_checkpoints(out)
+    assert [p.name for p in found] == ["step_000002", "step_000003"]
+    assert all((p / MARKER).is_file() and (p / "lora.safetensors").is_file() for p in found)
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(style_dir, tmp_path):
+    out = tmp_path / "run"
+    train(_config(style_dir, out, 1, "train.save_every=1"), progress=False)
+    with pytest.raises(IncompatibleLora, match="trained on SD 1.x; the base is SDXL"):
+        train(_config(style_dir, out, 2, "train.resume=latest", "model.base=tiny:sdxl"))
+    with pytest.raises(IncompatibleLora, match="does not match this run's LoRA"):
+        train(_config(style_dir, out, 2, "train.resume=latest", "lora.rank=8"))
+    with pytest.raises(SdloraError, match="no complete checkpoint"):
+        train(_config(style_dir, tmp_path / "empty", 2, "train.resume=latest"))
+
+
+def test_sigint_finishes_the_step_saves_and_prints_the_resume_command(style_dir, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    args = tiny_overrides(style_dir, out, steps=5000) + ["sample.report_images=0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdlora", "train", str(config), *args, "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and not (
+        (out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr
+    assert "Resume with: sdlora train" in stderr and "train.resume=latest" in stderr
+    (checkpoint,) = complete_checkpoints(out)
+    step = int(checkpoint.name.split("_")[1])
+    assert step == (out / "log.jsonl").read_text().count("\n")
+    assert not (out / "style.safetensors").exists()
+    # The printed command works: the run goes on from that step.
+    result = train(
+        load_config(out / "config.toml", ["train.resume=latest", f"train.steps={step + 1}"]),
+        progress=False,
+    )
+    assert json.loads((out / "run.json").read_text())["resumed_at"] == step
+    assert result.lora_path.is_file()
+
+
+def test_non_finite_loss_stops_with_step_and_files_and_writes_no_lora(style_dir, tmp_path):
+    out = tmp_path / "run"
+    config = _config(style_dir, out, 20, "train.lr=1e30", "train.save_every=1",
+                     "train.max_grad_norm=0")  # fmt: skip
+    with pytest.raises(SdloraError, match=r"(loss became nan|not finite) at step \d+") as e:
+        train(config, progress=False)
+    assert ".png" in str(e.value) or "LoRA weight" in str(e.value)
+    assert not (out / "style.safetensors").exists()
+    for checkpoint in complete_checkpoints(out):
+        weights = load_file(checkpoint / "lora.safetensors")
+        assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_min_snr_weighting_and_noise_offset():
+    base = load_base("tiny:sd1")
+    text, _ = encode_text(base, ["zk"], "cpu")
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([5, 900])
+    with torch.no_grad():
+        plain = diffusion_loss(base.unet, base.scheduler, latents, text.expand(2, -1, -1), noise, t)
+        huge = diffusion_loss(base.unet, base.scheduler, latents, text.expand(2, -1, -1), noise, t,
+                              min_snr_gamma=1e9)  # fmt: skip
+        weighted = diffusion_loss(base.unet, base.scheduler, latents, text.expand(2, -1, -1),
+                                  noise, t, min_snr_gamma=1.0)  # fmt: skip
+    assert torch.allclose(plain, huge) and weighted < plain
+
+
+def test_epochs_set_the_number_of_steps(style_dir, tmp_path):
+    config = _config(style_dir, tmp_path / "run", 1, "train.epochs=1", "dataset.repeats=1",
+                     "train.batch_size=3")  # fmt: skip
+    result = train(config, progress=False)
+    assert len(result.losses) == 2  # 6 images, batch 3
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(style_dir, tmp_path):
+    a = train(_config(style_dir, tmp_path / "a", 2), progress=False)
+    b = train(_config(style_dir, tmp_path / "b", 2, "train.gradient_checkpointing=true"),
+              progress=False)  # fmt: skip
+    wa, wb = load_file(a.lora_path), load_file(b.lora_path)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    assert any(wa[k].abs().sum() > 0 for k in wa if "lora_up" in k)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("train.attention=xformers", "xformers needs a CUDA device"),
+        ("train.mixed_precision=fp16", "fp16 needs a CUDA device"),
+    ],
+)
+def test_unavailable_options_are_refused_plainly(style_dir, tmp_path, extra, message):
+    if torch.cuda.is_available():
+        pytest.skip("these are refusals on a machine without CUDA")
+    with pytest.raises(SdloraError, match=message):
+        train(_config(style_dir, tmp_path / "run", 1, extra), progress=False)
+
+
+def test_optional_optimizers_say_how_to_install_them(style_dir, tmp_path):
+    for name, package in (("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")):
+        try:
+            __import__(package)
+        except ImportError:
+            with pytest.raises(SdloraError, match=f"pip install {package}"):
+                train(
+                    _config(style_dir, tmp_path / name, 1, f"train.optimizer={name}"),
+                    progress=False,
+                )
+
+
+def test_starting_from_an_existing_lora(trained, style_dir, tmp_path):
+    config = _config(style_dir, tmp_path / "run", 1, f"lora.init_from={trained.lora_path}",
+                     "lora.rank=4", "lora.alpha=4", "train.lr=1e-12")  # fmt: skip
+    result = train(config, progress=False)
+    start, end = load_file(trained.lora_path), load_file(result.lora_path)
+    # alpha 2 in the file, 4 here: the up matrices are rescaled so the update is the same.
+    key = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    assert torch.allclose(
+        end[f"{key}.lora_up.weight"] * 4, start[f"{key}.lora_up.weight"] * 2, atol=1e-6
+    )
+    with pytest.raises(IncompatibleLora, match="trained for SD 1.x; the base is SDXL"):
+        train(_config(style_dir, tmp_path / "xl", 1, f"lora.init_from={trained.lora_path}",
+                      "model.base=tiny:sdxl"))  # fmt: skip
+
+
+def test_two_processes_agree_and_only_rank_zero_writes(style_dir, tmp_path):
+    out = tmp_path / "run"
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    args = tiny_overrides(style_dir, out, steps=3) + ["train.device=cpu", "sample.report_images=0"]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "-m", "sdlora", "train", str(config), *args,
+                "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(launcher, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "run.json").read_text())
+    assert report["processes"] == 2 and report["ranks_agree"] is True
+    assert (out / "log.jsonl").read_text().count("\n") == 3
+    assert len(list((out / "logs").iterdir())) == 1
+    assert result.stdout.count("LoRA:") == 1

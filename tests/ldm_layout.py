@@ -32,28 +32,23 @@ def unet_to_ldm(state: dict, n_blocks: int, layers: int) -> dict:
             renames[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{3 * i + j}.0"
             renames[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{3 * i + j}.1"
         has_attention = any(k.startswith(f"up_blocks.{i}.attentions.") for k in state)
-        renames[f"up_blocks.{i}.upsamplers.0"] = f"output_blocks.{3 * i + 2}.{2 if has_attention else 1}"
+        renames[f"up_blocks.{i}.upsamplers.0"] = (
+            f"output_blocks.{3 * i + 2}.{2 if has_attention else 1}"
+        )
     out = {}
     for key, value in state.items():
         new = _rename(key, renames)
-        if ".resnets." in key or new.split(".")[0] in ("input_blocks", "output_blocks", "middle_block"):
-            for a, b in RESNET.items():
-                new = new.replace(f".0.{a}.", f".0.{b}.") if _is_resnet(key) else new
-        if key.startswith("mid_block.resnets."):
+        if ".resnets." in key:
             for a, b in RESNET.items():
                 new = new.replace(f".{a}.", f".{b}.")
         out["model.diffusion_model." + new] = value
     return out
 
 
-def _is_resnet(key: str) -> bool:
-    return ".resnets." in key
-
-
 def _rename(key: str, renames: dict) -> str:
     for old in sorted(renames, key=len, reverse=True):
         if key.startswith(old + "."):
-            return renames[old] + key[len(old):]
+            return renames[old] + key[len(old) :]
     return key
 
 
@@ -63,11 +58,15 @@ def vae_to_ldm(state: dict, n_blocks: int) -> dict:
         new = key
         for i in range(n_blocks):
             new = new.replace(f"encoder.down_blocks.{i}.resnets.", f"encoder.down.{i}.block.")
-            new = new.replace(f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample.")
+            new = new.replace(
+                f"encoder.down_blocks.{i}.downsamplers.0.", f"encoder.down.{i}.downsample."
+            )
             up = n_blocks - 1 - i
             new = new.replace(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{up}.block.")
             new = new.replace(f"decoder.up_blocks.{i}.upsamplers.0.", f"decoder.up.{up}.upsample.")
-        new = new.replace("mid_block.resnets.0.", "mid.block_1.").replace("mid_block.resnets.1.", "mid.block_2.")
+        new = new.replace("mid_block.resnets.0.", "mid.block_1.").replace(
+            "mid_block.resnets.1.", "mid.block_2."
+        )
         new = new.replace("conv_norm_out", "norm_out")
         if "mid_block.attentions.0." in new:
             new = new.replace("mid_block.attentions.0.", "mid.attn_1.")
@@ -84,8 +83,11 @@ def sd_to_single_file(components: dict) -> dict:
     """The original single-file state dict of a tiny SD 1.x pipeline's components."""
     unet, vae, te = components["unet"], components["vae"], components["text_encoder"]
     state = {}
-    state.update(unet_to_ldm(unet.state_dict(), len(unet.config.block_out_channels),
-                             unet.config.layers_per_block))
+    state.update(
+        unet_to_ldm(
+            unet.state_dict(), len(unet.config.block_out_channels), unet.config.layers_per_block
+        )
+    )
     state.update(vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)))
     for key, value in te.state_dict().items():
         state["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = value

@@ -74,6 +74,16 @@ def fit_to_bucket(
     return torch.from_numpy(array).permute(2, 0, 1).contiguous(), (top, left)
 
 
+def batches_per_epoch(
+    buckets: Sequence[tuple[int, int]], repeats: Sequence[int], batch_size: int
+) -> int:
+    """How many batches `bucket_batches` makes per epoch (each bucket's last may be short)."""
+    sizes: dict[tuple[int, int], int] = {}
+    for bucket, r in zip(buckets, repeats, strict=True):
+        sizes[bucket] = sizes.get(bucket, 0) + r
+    return sum(math.ceil(n / batch_size) for n in sizes.values())
+
+
 def bucket_batches(
     buckets: Sequence[tuple[int, int]],
     repeats: Sequence[int],

@@ -13,6 +13,7 @@ Animated GIF/WebP: the first frame is used, with a warning.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import re
@@ -23,7 +24,13 @@ from pathlib import Path
 
 import torch
 
-from sdlora.buckets import fit_to_bucket, make_buckets, nearest_bucket, upscale_factor
+from sdlora.buckets import (
+    batches_per_epoch,
+    fit_to_bucket,
+    make_buckets,
+    nearest_bucket,
+    upscale_factor,
+)
 from sdlora.captions import (
     CLIP_MAX_TOKENS,
     CaptionProblem,
@@ -313,15 +320,23 @@ def _default_repeats(scan: Scan, repeats: int) -> None:
     ]
 
 
+def steps_per_epoch(scan: Scan, batch_size: int, grad_accum: int = 1) -> int:
+    """Optimizer steps in one epoch (batches never mix buckets, so some are short)."""
+    buckets = [e.bucket for e in scan.examples]
+    batches = batches_per_epoch(buckets, [e.repeats for e in scan.examples], batch_size)
+    return max(1, math.ceil(batches / grad_accum))
+
+
 def epoch_plan(scan: Scan, steps: int, batch_size: int, grad_accum: int = 1) -> str:
     """One line: images, repeats, images per epoch, steps and the epochs they make."""
     per_epoch = sum(e.repeats for e in scan.examples)
     repeats = sorted({e.repeats for e in scan.examples})
     shown = str(repeats[0]) if len(repeats) == 1 else f"{repeats[0]}-{repeats[-1]}"
-    epochs = steps * batch_size * grad_accum / max(1, per_epoch)
+    epoch_steps = steps_per_epoch(scan, batch_size, grad_accum)
     return (
-        f"{len(scan.examples)} images x {shown} repeats = {per_epoch} per epoch; "
-        f"{steps} steps x batch {batch_size * grad_accum} = {epochs:.1f} epochs"
+        f"{len(scan.examples)} images x {shown} repeats = {per_epoch} per epoch "
+        f"({epoch_steps} steps of batch {batch_size * grad_accum}); "
+        f"{steps} steps = {steps / epoch_steps:.1f} epochs"
     )
 
 

@@ -595,10 +595,6 @@ def _tensorboard(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def _per_epoch(scan: Scan) -> int:
-    return max(1, sum(e.repeats for e in scan.examples))
-
-
 # sd-scripts records the optimizer's class path in `ss_optimizer`.
 OPTIMIZER_NAMES = {
     "adamw": "torch.optim.AdamW",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from sdlora.buckets import bucket_batches
+from sdlora.buckets import batches_per_epoch, bucket_batches
 from sdlora.cache import LatentCache, TextCache
 from sdlora.dataset import scan_folder
 from sdlora.models import load_base
@@ -76,6 +76,7 @@ def test_batches_come_from_one_bucket_and_honour_repeats():
     gen = torch.Generator().manual_seed(0)
     order = bucket_batches(buckets, repeats, batch_size=2, generator=gen)
     seen = []
+    assert batches_per_epoch(buckets, repeats, batch_size=2) == 5
     for _ in range(5):  # one epoch: 2 + 1 + 2 batches
         batch = next(order)
         assert len({buckets[i] for i in batch}) == 1

@@ -308,6 +308,7 @@ def load_config(
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise SdloraError(f"config file {path} is not valid TOML: {e}") from None
         _absolutise(raw, path.resolve().parent)
+        _local_base(raw, path.resolve().parent)
     for item in overrides:
         section, key, value = parse_override(item)
         single = {section: {key: value}}
@@ -380,6 +381,15 @@ def replace(config: Config, **changes: dict[str, Any]) -> Config:
     for section, values in changes.items():
         sections[section] = dataclasses.replace(getattr(config, section), **values)
     return dataclasses.replace(config, **sections)
+
+
+def _local_base(raw: dict, folder: Path) -> None:
+    """`model.base` names a file or folder beside the config when one exists there; otherwise
+    it stays as written (a hub id, `micro`, `tiny:sd1`, or a path from the working directory)."""
+    model = raw.get("model")
+    base = model.get("base") if isinstance(model, dict) else None
+    if isinstance(base, str) and base and (folder / base).exists():
+        model["base"] = str((folder / base).resolve())
 
 
 def _absolutise(raw: dict, base: Path) -> None:

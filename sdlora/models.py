@@ -233,7 +233,7 @@ def _from_micro(family: str | None) -> Base:
     # Stored in fp16 to stay small; trained and sampled in fp32.
     pipe = StableDiffusionPipeline.from_pretrained(
         micro.WEIGHTS,
-        torch_dtype=torch.float32,
+        dtype=torch.float32,
         local_files_only=True,
         safety_checker=None,
         requires_safety_checker=False,

@@ -279,6 +279,9 @@ def _print_result(result) -> None:
     print(f"LoRA:    {result.lora_path}")
     print(f"samples: {result.run_dir / 'samples'}")
     print(f"logs:    {result.run_dir / 'log.jsonl'} (TensorBoard: {result.run_dir / 'logs'})")
+    if result.learning is not None:
+        print(f"report:  {result.run_dir / 'learning_report.json'}")
+        print(f"A/B:     {result.run_dir / 'ab_grid.png'} (base vs LoRA, without / with trigger)")
     if result.skipped:
         print(f"skipped {len(result.skipped)} file(s); see {result.run_dir / 'run.json'}")
 

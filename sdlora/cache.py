@@ -61,7 +61,14 @@ class LatentCache:
         self.hits = self.disk_hits = self.misses = 0
 
     def key(self, example: Example, flip: bool) -> str:
-        parts = (example.sha256, self.fingerprint, example.bucket, flip, self.scan.background)
+        parts = (
+            example.sha256,
+            self.fingerprint,
+            str(self.vae.dtype),
+            example.bucket,
+            flip,
+            self.scan.background,
+        )
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
     def get(

@@ -136,7 +136,7 @@ def scan_folder(
     except ValueError as e:
         raise SdloraError(f"dataset.caption_template: {e}") from None
     scan = Scan(root=root, resolution=resolution, background=background, max_pixels=max_pixels)
-    files, listings = walk_images(root)
+    files, listings = walk_images(root, scan.skipped)
     with ThreadPoolExecutor(PREFLIGHT_WORKERS) as pool:  # decoders release the GIL
         inspected = list(pool.map(lambda f: _inspect(*f, background, max_pixels), files))
     bucket_list = make_buckets(resolution, buckets)
@@ -200,12 +200,22 @@ def scan_folder(
     return scan
 
 
-def walk_images(root: Path) -> tuple[list[tuple[Path, int]], dict[Path, dict[str, str]]]:
-    """(image path, folder repeats) in sorted order, and each folder's {lowercase name: name}."""
+def walk_images(
+    root: Path, problems: list[Problem] | None = None
+) -> tuple[list[tuple[Path, int]], dict[Path, dict[str, str]]]:
+    """(image path, folder repeats) in sorted order, and each folder's {lowercase name: name}.
+
+    Folders that cannot be listed are added to `problems`.
+    """
     files: list[tuple[Path, int]] = []
     listings: dict[Path, dict[str, str]] = {}
     visited: set[tuple[int, int]] = set()
-    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        if problems is not None:
+            problems.append(Problem(Path(error.filename), f"unreadable folder: {error.strerror}"))
+
+    for folder, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         folder_path = Path(folder)
         st = folder_path.stat()
         if (st.st_dev, st.st_ino) in visited:  # a symlink loop or a second link to a folder

@@ -12,6 +12,7 @@ from messy import make_messy, make_read_only, make_writable, snapshot
 from PIL import Image
 
 from sdlora.cli import main
+from sdlora.config import load_config
 from sdlora.dataset import auto_repeats, load_pixels, scan_folder
 from sdlora.errors import SdloraError
 
@@ -196,8 +197,6 @@ def test_training_skips_bad_files_and_leaves_a_read_only_folder_alone(messy, tmp
 def test_cache_dir_inside_the_dataset_is_refused(messy, tmp_path):
     folder, _ = messy
     overrides = tiny_overrides(folder, tmp_path / "run") + [f"dataset.cache_dir={folder}/c"]
-    from sdlora.config import load_config
-
     with pytest.raises(SdloraError, match="dataset.cache_dir .* inside dataset.path"):
         load_config(None, overrides)
 
@@ -207,3 +206,20 @@ def test_no_usable_image_is_one_error(tmp_path):
     scan = scan_folder(tmp_path, "zk", resolution=64)
     with pytest.raises(SdloraError, match="no usable images .*1 skipped"):
         scan.require_examples()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dataset.crop=diagonal", r"dataset\.crop must be one of center, random"),
+        ("dataset.caption_dropout=1.5", r"dataset\.caption_dropout must be in \[0, 1\]"),
+        ("dataset.tag_dropout=-0.1", r"dataset\.tag_dropout must be in \[0, 1\]"),
+        ("dataset.background=blurple", r"dataset\.background: 'blurple' is not a colour"),
+        ("dataset.small_images=keep", r"dataset\.small_images must be one of skip, upscale"),
+        ("dataset.keep_tokens=-1", r"dataset\.repeats and dataset\.keep_tokens must be >= 0"),
+        ("dataset.max_pixels=0", r"dataset\.max_pixels must be > 0"),
+    ],
+)
+def test_bad_dataset_values_are_named(override, message, tmp_path):
+    with pytest.raises(SdloraError, match=message):
+        load_config(None, [f"dataset.path={tmp_path}", "dataset.trigger=zk", override])

@@ -63,15 +63,19 @@ def caption_with_trigger(caption: str, trigger: str) -> str:
     for i, tag in enumerate(tags):
         if tag.lower() == key:
             return ", ".join([tag, *tags[:i], *tags[i + 1 :]])
-    if tags and key in tags[0].lower().split():
+    if tags and _names(tags[0], trigger):
         return ", ".join(tags)  # prose whose first clause names the trigger ("zk style of a cat")
     return ", ".join([trigger, *tags])
 
 
 def has_trigger(caption: str, trigger: str) -> bool:
     """Whether the caption names the trigger as a tag or a word (before sdlora adds it)."""
-    key = trigger.lower()
-    return any(key == t.lower() or key in t.lower().split() for t in split_tags(caption))
+    return any(_names(tag, trigger) for tag in split_tags(caption))
+
+
+def _names(text: str, trigger: str) -> bool:
+    """`trigger` appears in `text` as whole words (case ignored)."""
+    return re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", text, re.IGNORECASE) is not None
 
 
 def augment_caption(

@@ -22,6 +22,10 @@ def test_trigger_is_put_first_or_moved_first():
     assert caption_with_trigger("a cat, ZK, forest", "zk") == "ZK, a cat, forest"
     assert caption_with_trigger("zk style painting of a cat", "zk") == "zk style painting of a cat"
     assert caption_with_trigger("", "zk") == "zk"
+    assert (
+        caption_with_trigger("zk style painting, a cat", "zk style") == "zk style painting, a cat"
+    )
+    assert caption_with_trigger("a zkx cat", "zk") == "zk, a zkx cat"
 
 
 def test_multi_line_bom_and_crlf_rule():

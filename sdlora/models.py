@@ -13,11 +13,14 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AutoencoderKL,
     DDPMScheduler,
     DiffusionPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
 )
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdlora import micro, tiny
 from sdlora.errors import SdloraError
@@ -30,6 +33,7 @@ from sdlora.families import (
 from sdlora.lorafile import PICKLE_SUFFIXES, load_state_dict, read_safetensors_header
 
 TINY_PREFIX = "tiny:"
+RANDOM_PREFIX = "random:"
 MICRO = "micro"
 CONFIGS = Path(__file__).resolve().parent / "model_configs"
 CONFIG_FOLDERS = {"sd1": "sd15", "sd2": "sd21-base", "sd2-v": "sd21-768-v", "sdxl": "sdxl-base"}
@@ -111,6 +115,8 @@ def load_base(
                 + ", ".join(TINY_PREFIX + f for f in tiny.TINY_FAMILIES)
             )
         return Base(name=spec, family=name, **tiny.tiny_components(name, seed=seed))
+    if spec.startswith(RANDOM_PREFIX):
+        return random_base(spec[len(RANDOM_PREFIX) :], seed)
     path = Path(spec).expanduser()
     if path.is_dir():
         return _from_folder(path, family)
@@ -128,8 +134,9 @@ def base_family(spec: str, family: str | None = None) -> str:
     """The family of a base without loading its weights (configs or the file header only)."""
     if family:
         return family
-    if spec.startswith(TINY_PREFIX):
-        return spec[len(TINY_PREFIX) :]
+    for prefix in (TINY_PREFIX, RANDOM_PREFIX):
+        if spec.startswith(prefix):
+            return spec[len(prefix) :]
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "unet" / "config.json").is_file():
         unet = json.loads((path / "unet" / "config.json").read_text())
@@ -169,6 +176,42 @@ def checkpoint_family(path: Path) -> Detection:
         )
     # SD 2.x 512 and 768-v differ only in prediction type, which a header rarely states.
     return Detection(found, evidence, ambiguous=found.startswith("sd2") and not metadata)
+
+
+def random_base(family: str, seed: int = 0) -> Base:
+    """A real-architecture base of `family` with random weights (`random:sd1`, ...), built from
+    the shipped config folders: for benchmarks and shape tests, not for pictures."""
+    if family not in CONFIG_FOLDERS:
+        raise SdloraError(
+            f"unknown family {family!r} for random:; choose one of {', '.join(CONFIG_FOLDERS)}"
+        )
+    folder = config_folder(family)
+    encoders = {"text_encoder": CLIPTextModel}
+    if family == "sdxl":
+        encoders["text_encoder_2"] = CLIPTextModelWithProjection
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts = {
+            "unet": UNet2DConditionModel.from_config(
+                UNet2DConditionModel.load_config(folder / "unet")
+            ),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
+        }
+        for name, cls in encoders.items():
+            parts[name] = cls(CLIPTextConfig.from_pretrained(folder / name))
+    for name in ("tokenizer", "tokenizer_2") if family == "sdxl" else ("tokenizer",):
+        parts[name] = CLIPTokenizer.from_pretrained(folder / name)
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    sched["prediction_type"] = FAMILIES[family].prediction_type
+    for module in parts.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return Base(
+        name=RANDOM_PREFIX + family,
+        family=family,
+        scheduler=DDPMScheduler.from_config(sched),
+        **parts,
+    )
 
 
 def config_folder(family: str) -> Path:

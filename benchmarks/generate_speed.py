@@ -1,0 +1,77 @@
+"""Generation speed with LoRAs fused into the weights or kept as separate layers.
+
+    python benchmarks/generate_speed.py [--base tiny:sd1] [--images 8] [--steps 20] [--loras 2]
+
+Trains nothing: it writes random LoRAs of rank 16 on the base's attention (UNet and text
+encoder), then renders the same prompts and seeds with no LoRA, with the LoRAs as peft
+layers, and with them fused, and prints images/s for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sdlora.export import save_lora
+from sdlora.generate import Generator, LoraSpec
+from sdlora.lora import (
+    TEXT_ENCODER_ATTENTION,
+    UNET_ATTENTION,
+    Lora,
+    extract_lora,
+    inject_lora,
+    lora_layers,
+)
+from sdlora.models import load_base
+
+
+def random_lora(base_spec: str, path: Path, seed: int) -> Path:
+    base = load_base(base_spec)
+    torch.manual_seed(seed)
+    models = {"unet": base.unet, **base.text_encoders}
+    inject_lora(base.unet, 16, 16, UNET_ATTENTION)
+    for encoder in base.text_encoders.values():
+        inject_lora(encoder, 16, 16, TEXT_ENCODER_ATTENTION)
+    for model in models.values():
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
+    lora = Lora({name: extract_lora(model) for name, model in models.items()})
+    return save_lora(path, lora, base.family, "kohya", {}, "fp16")
+
+
+def images_per_second(generator: Generator, images: int, steps: int) -> float:
+    generator.render("warm up", steps=2)
+    start = time.perf_counter()
+    generator.render("a red circle on a blue background", steps=steps, num=images)
+    return images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="tiny:sd1")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--loras", type=int, default=2)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        specs = [
+            LoraSpec(random_lora(args.base, Path(tmp) / f"l{i}.safetensors", i), 0.7)
+            for i in range(args.loras)
+        ]
+        rows = [
+            ("no LoRA", Generator.load(args.base, [])),
+            (f"{args.loras} LoRAs, unfused", Generator.load(args.base, specs, fuse=False)),
+            (f"{args.loras} LoRAs, fused", Generator.load(args.base, specs, fuse=True)),
+        ]
+        print(f"{args.base}, {args.images} images x {args.steps} steps, DDIM")
+        print(f"{'setting':<24} {'images/s':>9}")
+        for name, generator in rows:
+            print(f"{name:<24} {images_per_second(generator, args.images, args.steps):>9.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -122,6 +122,7 @@ def make_messy(folder: Path) -> dict:
     sub.mkdir()
     (sub / "inner.png").write_bytes(_encoded(_pattern(seed=18), "PNG"))
     os.symlink("..", sub / "loop")
+    os.symlink("self_link.png", folder / "self_link.png")  # a link to itself
 
     skipped = {
         "truncated.jpg": "truncated",
@@ -131,6 +132,7 @@ def make_messy(folder: Path) -> dict:
         "bomb.png": "400,000,000 pixels",
         "one_pixel.png": "too small",
         "copy_two.png": "duplicate of copy_one.png",
+        "self_link.png": "symbolic links",
     }
     warnings = {
         "cp1252.txt": "not UTF-8",

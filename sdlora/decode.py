@@ -1,21 +1,23 @@
 """Decoding a user's image file into 8-bit RGB, whatever mode, depth or orientation it has.
 
 Every training image goes through `open_rgb`: EXIF orientation applied (so the size seen by the
-buckets is the size trained on), the first frame of an animation, transparency composited on a
-background colour (the hidden colour under transparent pixels is never trained on), palette,
-grey, CMYK and 16-bit images converted (16-bit values are scaled, never clipped to white), and
-our own pixel cap checked before the pixels are decoded.
+buckets is the size trained on), the first frame of an animation, colours converted to sRGB
+through an embedded ICC profile, transparency composited on a background colour (the hidden
+colour under transparent pixels is never trained on), palette, grey, CMYK and 16-bit images
+converted (16-bit values are scaled, never clipped to white), and our own pixel cap checked
+before the pixels are decoded.
 """
 
 from __future__ import annotations
 
+import io
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageColor, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageColor, ImageFile, ImageOps, UnidentifiedImageError
 
 # A truncated file must fail loudly, never train on a half-grey image.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -34,6 +36,7 @@ EXTENSION_FORMATS = {
     ".gif": "GIF",
 }
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 class ImageProblem(Exception):
@@ -103,7 +106,8 @@ def open_rgb(
             notes.append("16-bit image; scaled to 8 bits")
         try:
             img.load()  # the full decode: verify() passes truncated JPEGs
-            rgb = _to_rgb(ImageOps.exif_transpose(img), background, sixteen_bit, notes)
+            upright = _to_srgb(ImageOps.exif_transpose(img), notes)
+            rgb = _to_rgb(upright, background, sixteen_bit, notes)
         except OSError as e:
             if "truncated" in str(e) or "broken" in str(e):
                 raise ImageProblem(f"truncated: {e}") from None
@@ -126,6 +130,23 @@ def _is_sixteen_bit(img: Image.Image) -> bool:
         return True
     rawmode = img.tile[0].args if img.tile else None
     return isinstance(rawmode, str) and ";16" in rawmode
+
+
+def _to_srgb(img: Image.Image, notes: list[str]) -> Image.Image:
+    """Convert colours through an embedded ICC profile (Display P3, Adobe RGB, CMYK) to sRGB.
+
+    Models see sRGB; ignoring a wide-gamut profile would train on dulled colours.
+    """
+    icc = img.info.get("icc_profile")
+    if not icc or img.mode not in ("RGB", "RGBA", "CMYK"):
+        return img
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        mode = "RGBA" if img.mode == "RGBA" else "RGB"
+        return ImageCms.profileToProfile(img, source, SRGB, outputMode=mode)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        notes.append("colour profile unreadable or unusable; ignored")
+        return img
 
 
 def _to_rgb(

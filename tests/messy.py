@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageCms
 
 RED = (220, 30, 30)
 
@@ -43,6 +43,16 @@ def bomb_png(width=20000, height=20000) -> bytes:
         + _png_chunk(b"IDAT", idat)
         + _png_chunk(b"IEND", b"")
     )
+
+
+def swapped_profile() -> bytes:
+    """An ICC profile like sRGB but with the red and green primaries swapped."""
+    data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
+    count = struct.unpack(">I", data[128:132])[0]
+    entries = {bytes(data[132 + 12 * i : 136 + 12 * i]): 132 + 12 * i for i in range(count)}
+    r, g = entries[b"rXYZ"] + 4, entries[b"gXYZ"] + 4  # each entry: offset, size
+    data[r : r + 8], data[g : g + 8] = data[g : g + 8], data[r : r + 8]
+    return bytes(data)
 
 
 def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -103,6 +113,9 @@ def make_messy(folder: Path) -> dict:
     exif = Image.Exif()
     exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
     w("rotated.jpg", _encoded(_pattern((96, 64), seed=16), "JPEG", exif=exif))
+    red = Image.new("RGB", (64, 64), RED)
+    w("wide_gamut.png", _encoded(red, "PNG", icc_profile=swapped_profile()))  # shows as green
+    w("bad_profile.png", _encoded(red.rotate(45), "PNG", icc_profile=b"not a profile"))
     frames = [Image.new("RGB", (64, 64), c) for c in ("red", "green", "blue")]
     w("animated.gif", _encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]))
     webp = dict(save_all=True, append_images=frames[1:], lossless=True)
@@ -145,6 +158,7 @@ def make_messy(folder: Path) -> dict:
         "animated.gif": "animated (3 frames)",
         "animated.webp": "animated (3 frames)",
         "grey_alpha.png": "transparency",
+        "bad_profile.png": "colour profile unreadable",
         "good.png": "lacks the trigger",
     }
     usable = {
@@ -169,6 +183,8 @@ def make_messy(folder: Path) -> dict:
         "animated.gif",
         "animated.webp",
         "grey_alpha.png",
+        "wide_gamut.png",
+        "bad_profile.png",
         "3_extra/inner.png",
     }
     return {"skipped": skipped, "warnings": warnings, "usable": usable}

@@ -107,6 +107,9 @@ def test_images_are_normalised(scan):
     rotated, pixels = _pixels(scan, "rotated.jpg")
     assert rotated.size == (64, 96)  # EXIF orientation 6: stored 96x64, displayed 64x96
     assert pixels.shape[1:] == (rotated.bucket[1], rotated.bucket[0])
+    _, profiled = _pixels(scan, "wide_gamut.png")
+    r, g, b = profiled.mean(dim=(1, 2)).tolist()
+    assert g > 200 and r < 30  # converted through its ICC profile to sRGB
     _, gif = _pixels(scan, "animated.gif")
     r, g, b = gif.mean(dim=(1, 2)).tolist()
     assert r > 200 and g < 60  # the first frame (red)

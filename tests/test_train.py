@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -127,3 +128,26 @@ def test_diffusers_loads_every_key_and_reproduces_outputs(trained):
     assert (outs[0][0] - outs[1][0]).abs().max() <= 1e-5
     assert (outs[0][1] - outs[1][1]).abs().max() <= 1e-5
     assert (outs[0][1] - outs[2][1]).abs().max() > 1e-4  # the LoRA does change the output
+
+
+@pytest.mark.parametrize("family", ["sd2", "sd2-v", "sdxl"])
+def test_every_family_trains_and_writes_its_own_file(family, style_dir, tmp_path):
+    from conftest import tiny_overrides
+
+    from sdlora import load_config, train
+    from sdlora.lorafile import inspect_lora
+
+    overrides = tiny_overrides(style_dir, tmp_path / "run", steps=1)
+    result = train(load_config(None, overrides + [f"model.base=tiny:{family}"]), progress=False)
+    info = inspect_lora(result.lora_path)
+    assert info["family"] == family
+    assert info["prediction_type"] == ("v" if family == "sd2-v" else "epsilon")
+    with safe_open(str(result.lora_path), "pt") as f:
+        keys = list(f.keys())
+    if family == "sdxl":
+        assert info["modules"]["text_encoder_2"] > 0
+        assert any(k.startswith("lora_unet_input_blocks_4_1_") for k in keys)
+        assert any(k.startswith("lora_te2_text_model_encoder_layers_") for k in keys)
+    else:
+        assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in keys)
+        assert any(k.startswith("lora_te_text_model_encoder_layers_2_") for k in keys)

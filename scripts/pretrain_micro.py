@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from PIL import Image, ImageDraw
+from transformers import CLIPTextModel
 
 from sdlora import micro, shapes
 
@@ -57,6 +59,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-prompts", type=int, default=24)
     p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of the scoring samples")
     p.add_argument("--reuse-vae", action="store_true", help="load <work>/vae instead of phase 1")
+    p.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="start phase 2 from the UNet and text encoder of this diffusers folder (a checkpoint)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -194,6 +202,10 @@ def main(argv=None) -> dict:
     log({"phase": "vae", "scaling_factor": vae.config.scaling_factor})
 
     # Phase 2: UNet and text encoder together.
+    if args.resume:
+        parts["unet"] = UNet2DConditionModel.from_pretrained(args.resume / "unet").float()
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(args.resume / "text_encoder").float()
+        log({"phase": "unet", "resumed_from": str(args.resume)})
     unet, te, tok, sched = (
         parts["unet"],
         parts["text_encoder"],

@@ -21,6 +21,8 @@ import safetensors.torch
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.families import FAMILIES, same_architecture
+from sdlora.guard import IncompatibleLora
 
 MARKER = "COMPLETE"
 PREFIX = "step_"
@@ -124,6 +126,49 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     params = safetensors.torch.load_file(path / "lora.safetensors")
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     return params, state
+
+
+def restore_checkpoint(
+    path: Path, family: str, params: dict, optimizer, lr_schedule, scaler, rngs: Rngs
+) -> int:
+    """Restore LoRA weights, optimizer, schedule and random streams; return the step.
+
+    `params` is `{component: {name: parameter}}` of the run; the checkpoint must have been made
+    for the same family and the same LoRA (the version guard at resume).
+    """
+    tensors, state = load_checkpoint(path)
+    if not same_architecture(state.get("family", family), family):
+        raise IncompatibleLora(
+            f"checkpoint {path} was trained on {FAMILIES[state['family']].title}; "
+            f"the base is {FAMILIES[family].title}"
+        )
+    flat = {f"{c}.{n}": p for c, ps in params.items() for n, p in ps.items()}
+    differ = sorted(set(flat) ^ set(tensors))
+    differ += [k for k in flat if k in tensors and tensors[k].shape != flat[k].shape]
+    if differ:
+        raise IncompatibleLora(
+            f"checkpoint {path} does not match this run's LoRA ({len(differ)} parameter(s) "
+            f"differ, first: {', '.join(differ[:3])}); resume with the config it was made with "
+            f"({path.parent.parent / 'config.toml'})"
+        )
+    with torch.no_grad():
+        for name, param in flat.items():
+            param.copy_(tensors[name])
+    optimizer.load_state_dict(state["optimizer"])
+    lr_schedule.load_state_dict(state["lr_schedule"])
+    scaler.load_state_dict(state["scaler"])
+    rngs.restore(state["rngs"])
+    return int(state["step"])
+
+
+def check_finite(params: dict[str, torch.Tensor], step: int) -> None:
+    """Refuse to write LoRA weights holding NaN or infinity."""
+    for name, param in params.items():
+        if not torch.isfinite(param).all():
+            raise SdloraError(
+                f"LoRA weight {name} is not finite at step {step}; nothing was written. "
+                "Lower train.lr and resume from the last checkpoint"
+            )
 
 
 class Interrupted(SdloraError):

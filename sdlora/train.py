@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +28,9 @@ from sdlora.checkpoint import (
     Interrupted,
     Rngs,
     StopOnSignal,
+    check_finite,
     find_checkpoint,
-    load_checkpoint,
+    restore_checkpoint,
     save_checkpoint,
 )
 from sdlora.config import Config, DatasetConfig, config_to_toml, load_config
@@ -47,8 +46,7 @@ from sdlora.dataset import (
 )
 from sdlora.decode import parse_colour
 from sdlora.errors import SdloraError
-from sdlora.families import FAMILIES, same_architecture
-from sdlora.guard import IncompatibleLora, check_compatible
+from sdlora.guard import check_compatible
 from sdlora.images import save_grid, save_loss_curve
 from sdlora.lora import (
     ADAPTER,
@@ -64,6 +62,15 @@ from sdlora.lorafile import read_lora
 from sdlora.models import Base, load_base
 from sdlora.prior import PriorSet, generate_prior
 from sdlora.report import decode_latents, learning_report, set_adapters, summary
+from sdlora.runtime import (
+    OPTIMIZER_NAMES,
+    PeakMemory,
+    configure_memory,
+    make_optimizer,
+    out_of_memory_advice,
+    ranks_agree,
+    take_batch,
+)
 
 
 @dataclass
@@ -247,7 +254,9 @@ def train(
     rngs = Rngs.seeded(c_train.seed, accelerator.process_index)
     start = 0
     if resume_from is not None:
-        start = resume(resume_from, base, params, optimizer, lr_schedule, scaler, rngs)
+        start = restore_checkpoint(
+            resume_from, base.family, params, optimizer, lr_schedule, scaler, rngs
+        )
         say(f"  resumed from {resume_from} at step {start}")
     flat_params = {f"{c}.{n}": p for c, ps in params.items() for n, p in ps.items()}
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -282,7 +291,7 @@ def train(
         for step in range(start + 1, steps + 1):
             step_loss, names = 0.0, []
             for _ in range(c_train.grad_accum):
-                idx = _take(order, accelerator)
+                idx = take_batch(order, accelerator)
                 batch_latents, captions, geometry = _batch(scan, idx, latents, c_data, rngs.augment)
                 batch_latents = batch_latents.to(device)  # (B, 4, H/8, W/8), one bucket
                 names += [scan.examples[i].path.name for i in idx]
@@ -595,59 +604,11 @@ def _tensorboard(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-# sd-scripts records the optimizer's class path in `ss_optimizer`.
-OPTIMIZER_NAMES = {
-    "adamw": "torch.optim.AdamW",
-    "adamw8bit": "bitsandbytes.optim.AdamW8bit",
-    "prodigy": "prodigyopt.Prodigy",
-}
-
-
 def total_steps(scan: Scan, c_train) -> int:
     """`train.steps`, or `train.epochs` passes over the (repeated) images."""
     if c_train.epochs is None:
         return c_train.steps
     return c_train.epochs * steps_per_epoch(scan, c_train.batch_size, c_train.grad_accum)
-
-
-def make_optimizer(name: str, groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
-    """The optimizer `train.optimizer` names; the optional ones say how to install them."""
-    if name == "adamw":
-        return torch.optim.AdamW(groups, weight_decay=weight_decay)
-    if name == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError:
-            raise SdloraError(
-                "train.optimizer=adamw8bit needs bitsandbytes (CUDA): pip install bitsandbytes"
-            ) from None
-        return bitsandbytes.optim.AdamW8bit(groups, weight_decay=weight_decay)
-    try:
-        from prodigyopt import Prodigy
-    except ImportError:
-        raise SdloraError(
-            "train.optimizer=prodigy needs prodigyopt: pip install prodigyopt"
-        ) from None
-    return Prodigy(groups, weight_decay=weight_decay)
-
-
-def configure_memory(base: Base, c_train, device: torch.device) -> None:
-    """Gradient checkpointing and the attention kernel, as the config asks."""
-    if c_train.gradient_checkpointing:
-        base.unet.enable_gradient_checkpointing()
-        for encoder in base.text_encoders.values():
-            encoder.gradient_checkpointing_enable({"use_reentrant": False})
-    if c_train.attention == "xformers":
-        if device.type != "cuda":
-            raise SdloraError("train.attention=xformers needs a CUDA device; use sdpa")
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise SdloraError(
-                "train.attention=xformers but xformers is not installed: "
-                "pip install 'sdlora[xformers]', or use sdpa"
-            ) from None
-        base.unet.enable_xformers_memory_efficient_attention()
 
 
 def start_from_lora(base: Base, path: Path, alpha: float) -> None:
@@ -677,89 +638,8 @@ def start_from_lora(base: Base, path: Path, alpha: float) -> None:
                 up.copy_(module.up.reshape(up.shape) * (module.alpha / alpha))
 
 
-def resume(path: Path, base: Base, params, optimizer, lr_schedule, scaler, rngs) -> int:
-    """Restore LoRA weights, optimizer, schedule and random streams; return the step."""
-    tensors, state = load_checkpoint(path)
-    if not same_architecture(state.get("family", base.family), base.family):
-        raise IncompatibleLora(
-            f"checkpoint {path} was trained on {FAMILIES[state['family']].title}; "
-            f"the base is {FAMILIES[base.family].title}"
-        )
-    flat = {f"{c}.{n}": p for c, ps in params.items() for n, p in ps.items()}
-    differ = sorted(set(flat) ^ set(tensors))
-    differ += [k for k in flat if k in tensors and tensors[k].shape != flat[k].shape]
-    if differ:
-        raise IncompatibleLora(
-            f"checkpoint {path} does not match this run's LoRA ({len(differ)} parameter(s) "
-            f"differ, first: {', '.join(differ[:3])}); resume with the config it was made with "
-            f"({path.parent.parent / 'config.toml'})"
-        )
-    with torch.no_grad():
-        for name, param in flat.items():
-            param.copy_(tensors[name])
-    optimizer.load_state_dict(state["optimizer"])
-    lr_schedule.load_state_dict(state["lr_schedule"])
-    scaler.load_state_dict(state["scaler"])
-    rngs.restore(state["rngs"])
-    return int(state["step"])
-
-
 def _named_lora_parameters(model: torch.nn.Module):
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def _take(order, accelerator: Accelerator) -> list[int]:
-    """This process's batch: of every `num_processes` batches, the one at its index."""
-    batches = [next(order) for _ in range(accelerator.num_processes)]
-    return batches[accelerator.process_index]
-
-
-@contextmanager
-def out_of_memory_advice(step: int):
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        raise SdloraError(
-            f"out of memory at step {step}: lower train.batch_size or dataset.resolution, or set "
-            "train.gradient_checkpointing=true and train.mixed_precision=bf16"
-        ) from None
-
-
-def check_finite(params: dict[str, torch.Tensor], step: int) -> None:
-    """Refuse to write LoRA weights holding NaN or infinity."""
-    for name, param in params.items():
-        if not torch.isfinite(param).all():
-            raise SdloraError(
-                f"LoRA weight {name} is not finite at step {step}; nothing was written. "
-                "Lower train.lr and resume from the last checkpoint"
-            )
-
-
-def ranks_agree(params: dict[str, torch.Tensor], accelerator: Accelerator) -> bool:
-    """Whether every process holds the same LoRA weights (a checksum compared across ranks)."""
-    if accelerator.num_processes == 1:
-        return True
-    total = torch.stack([p.detach().double().sum() for p in params.values()]).sum()
-    sums = accelerator.gather(total.reshape(1).to(accelerator.device))
-    return bool(torch.all(sums == sums[0]))
-
-
-class PeakMemory:
-    """Peak memory of the run: CUDA allocations on a GPU, the process's resident set on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        self.device = device
-
-    def update(self) -> None:
-        """Kept for symmetry with CUDA's counter; both sources track their own peak."""
-
-    def megabytes(self) -> float:
-        if self.cuda:
-            return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
-        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _read_lines(path: Path) -> list[str]:

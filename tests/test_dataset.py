@@ -226,3 +226,14 @@ def test_no_usable_image_is_one_error(tmp_path):
 def test_bad_dataset_values_are_named(override, message, tmp_path):
     with pytest.raises(SdloraError, match=message):
         load_config(None, [f"dataset.path={tmp_path}", "dataset.trigger=zk", override])
+
+
+def test_every_dataset_key_is_in_the_readme_table():
+    import dataclasses
+    from pathlib import Path
+
+    from sdlora.config import DatasetConfig
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for f in dataclasses.fields(DatasetConfig):
+        assert f"| `dataset.{f.name}` |" in readme, f.name

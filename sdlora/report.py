@@ -8,9 +8,12 @@ is compared with the same statistic of the training images:
   samples (same prompts, same seeds) towards the training set, projected on the line between
   the two: 0 = like the base, 1 = like the style set (outside [0, 1]: short of the base or past
   the set).
-- `drift_without_trigger`: how far the LoRA's samples *without* the trigger moved away from the
-  base's, in any direction, on the same scale (distance divided by the base-to-style distance):
-  0 = the LoRA leaves prompts without its trigger alone.
+- `drift_without_trigger`: how far the LoRA's samples *without* the trigger moved from the
+  base's towards the training set, on the same line and scale: 0 = the style does not leak
+  into prompts without the trigger.
+- `change_without_trigger`: how far they moved in any direction (distance divided by the
+  base-to-style distance). It also counts changes that are not the style, such as a different
+  background colour drawn for a prompt that names none, so it is noisier than the drift.
 
 The statistic is the palette: a colour histogram of each image (4 levels per RGB channel, 64
 bins, normalised), averaged over a set. The training images are read back through the VAE,
@@ -34,6 +37,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from sdlora.images import save_grid
+from sdlora.lora import lora_layers
 
 STATISTIC = "palette_histogram_4x4x4"
 LEVELS = 4
@@ -58,15 +62,17 @@ def style_scores(
     base_without: np.ndarray,
     lora_without: np.ndarray,
     style: np.ndarray,
-) -> tuple[float, float]:
-    """(style shift with trigger, drift without trigger) from mean statistics (see docstring)."""
+) -> dict[str, float]:
+    """Shift with the trigger, drift and change without it, from mean statistics (see above)."""
     axis = style - base_with
     length2 = float(axis @ axis)
     if length2 == 0:
-        return 0.0, 0.0
-    shift = float((lora_with - base_with) @ axis) / length2
-    drift = float(np.linalg.norm(lora_without - base_without)) / length2**0.5
-    return shift, drift
+        return {"shift": 0.0, "drift": 0.0, "change": 0.0}
+    return {
+        "shift": float((lora_with - base_with) @ axis) / length2,
+        "drift": float((lora_without - base_without) @ axis) / length2,
+        "change": float(np.linalg.norm(lora_without - base_without)) / length2**0.5,
+    }
 
 
 def strip_trigger(caption: str, trigger: str) -> str:
@@ -94,6 +100,8 @@ def render(base, prompts: list[str], seeds: list[int], steps: int, cfg: float, s
 def set_adapters(base, enabled: bool) -> None:
     """Switch the LoRA layers of every component on or off (the weights stay in place)."""
     for module in (base.unet, *base.text_encoders.values()):
+        if not lora_layers(module):  # e.g. a frozen text encoder: nothing to switch
+            continue
         if enabled:
             module.enable_adapters()
         else:
@@ -139,7 +147,7 @@ def learning_report(
     for m, training in zip(modules, was_training, strict=True):
         m.train(training)
     means = {name: mean_palette(imgs) for name, imgs in sets.items()}
-    shift, drift = style_scores(
+    scores = style_scores(
         means["base_with"],
         means["lora_with"],
         means["base_without"],
@@ -148,8 +156,9 @@ def learning_report(
     )
     report = {
         "statistic": STATISTIC,
-        "style_shift_with_trigger": round(shift, 4),
-        "drift_without_trigger": round(drift, 4),
+        "style_shift_with_trigger": round(scores["shift"], 4),
+        "drift_without_trigger": round(scores["drift"], 4),
+        "change_without_trigger": round(scores["change"], 4),
         "trigger": trigger,
         "prompts_without_trigger": prompts,
         "prompts_with_trigger": with_trigger,
@@ -186,6 +195,7 @@ def summary(report: dict) -> str:
     return (
         f"learning report ({report['statistic']}, {len(report['seeds'])} images per set): "
         f"style shift with trigger {report['style_shift_with_trigger']:.2f}, "
-        f"drift without trigger {report['drift_without_trigger']:.2f}\n"
+        f"drift without trigger {report['drift_without_trigger']:.2f} "
+        f"(any change: {report['change_without_trigger']:.2f})\n"
         "  (0 = like the base model, 1 = like the training set)"
     )

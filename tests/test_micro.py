@@ -95,12 +95,15 @@ def test_prior_and_report_options_are_validated():
 def test_style_scores_measure_along_the_base_to_style_line():
     base, style = np.array([1.0, 0.0]), np.array([0.0, 1.0])
     halfway = np.array([0.5, 0.5])
-    shift, drift = style_scores(base, halfway, base, base, style)
-    assert shift == pytest.approx(0.5)
-    assert drift == 0
-    shift, drift = style_scores(base, base, base, style, style)
-    assert shift == 0
-    assert drift == pytest.approx(1)
+    scores = style_scores(base, halfway, base, base, style)
+    assert scores == {"shift": pytest.approx(0.5), "drift": 0, "change": 0}
+    scores = style_scores(base, base, base, style, style)
+    assert scores == {"shift": 0, "drift": pytest.approx(1), "change": pytest.approx(1)}
+    # A change across the style axis is a change, not a drift towards the style.
+    across = base + np.array([1.0, 1.0])  # at right angles to style - base
+    scores = style_scores(base, base, base, across, style)
+    assert scores["drift"] == pytest.approx(0)
+    assert scores["change"] == pytest.approx(1)
 
 
 def test_palette_is_a_normalised_histogram():
@@ -133,7 +136,8 @@ def test_micro_run_writes_a_learning_report_in_range(tmp_path):
     assert (result.run_dir / "ab_grid.png").is_file()
     assert report["statistic"] == "palette_histogram_4x4x4"
     assert -1 <= report["style_shift_with_trigger"] <= 2
-    assert 0 <= report["drift_without_trigger"] <= 2
+    assert -1 <= report["drift_without_trigger"] <= 2
+    assert 0 <= report["change_without_trigger"] <= 3
     assert len(report["seeds"]) == len(report["prompts_with_trigger"]) == 4
     assert all(p.startswith("zkbands, ") for p in report["prompts_with_trigger"])
 

@@ -10,6 +10,7 @@ sits elsewhere as a tag, and kept first when tags are shuffled.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from pathlib import Path
@@ -17,9 +18,8 @@ from pathlib import Path
 CLIP_MAX_TOKENS = 77
 """CLIP's context, begin and end tokens included: the text encoder ignores what lies beyond."""
 
-# CLIP's pre-tokenizer (words, single digits, punctuation runs, English contractions). Each
-# piece is at least one BPE token, so counting pieces gives a lower bound without a vocabulary.
-_CLIP_PIECES = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+|_+", re.IGNORECASE)
+# CLIP's own BPE vocabulary, shipped with the single-file configs (see model_configs/README.md).
+CLIP_TOKENIZER = Path(__file__).resolve().parent / "model_configs" / "sd15" / "tokenizer"
 
 
 class CaptionProblem(Exception):
@@ -103,9 +103,16 @@ def augment_caption(
     return ", ".join(kept + rest)
 
 
-def clip_token_estimate(caption: str) -> int:
-    """A lower bound on CLIP tokens, begin and end tokens included (rare words split further)."""
-    return len(_CLIP_PIECES.findall(caption.lower())) + 2
+def clip_token_count(caption: str) -> int:
+    """CLIP tokens of `caption`, begin and end tokens included, with CLIP's own vocabulary."""
+    return len(_clip_tokenizer()(caption, truncation=False, verbose=False).input_ids)
+
+
+@functools.cache
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER)
 
 
 def template_caption(template: str, trigger: str, name: str = "", caption: str = "") -> str:

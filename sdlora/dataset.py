@@ -35,7 +35,7 @@ from sdlora.captions import (
     CLIP_MAX_TOKENS,
     CaptionProblem,
     caption_with_trigger,
-    clip_token_estimate,
+    clip_token_count,
     has_trigger,
     read_caption_file,
     split_tags,
@@ -176,7 +176,7 @@ def scan_folder(
         else:
             captioned += 1
         final = caption_with_trigger(caption, trigger)
-        tokens = clip_token_estimate(final)
+        tokens = clip_token_count(final)
         if tokens > CLIP_MAX_TOKENS:
             scan.warnings.append(
                 Problem(

@@ -151,3 +151,15 @@ def test_every_family_trains_and_writes_its_own_file(family, style_dir, tmp_path
     else:
         assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in keys)
         assert any(k.startswith("lora_te_text_model_encoder_layers_2_") for k in keys)
+
+
+def test_unet_only_lora_with_the_learning_report(style_dir, tmp_path):
+    from conftest import tiny_overrides
+
+    from sdlora import load_config, train
+
+    overrides = tiny_overrides(style_dir, tmp_path / "run", steps=1) + ["lora.text_encoder=false"]
+    result = train(load_config(None, overrides), progress=False)
+    assert result.learning is not None and (tmp_path / "run" / "learning_report.json").is_file()
+    with safe_open(str(result.lora_path), "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("lora_te")]

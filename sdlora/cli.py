@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("demo", help="train the built-in demo (example set + tiny model)")
+    p = sub.add_parser("demo", help="train the demo LoRA (configs/demo.toml on the example set)")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="override a config value"

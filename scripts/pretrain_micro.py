@@ -11,10 +11,19 @@ The data is drawn by `sdlora/shapes.py` (nothing is downloaded). Two phases:
    or the background at random and are dropped entirely 10% of the time, so classifier-free
    guidance works. An exponential moving average of the weights is what gets saved.
 
-The defaults are the settings of the shipped weights (about an hour on two CPU cores, one
-thread):
+A plain run with the defaults (VAE 1200 steps, UNet 5000 steps of 64, about 1.5 hours at one
+thread on a shared two-core machine):
 
     nice -n 10 .venv/bin/python scripts/pretrain_micro.py
+
+The shipped weights are the same recipe cut short to fit an afternoon: the first 1500 UNet
+steps of that run (its step-1500 checkpoint), then 1400 steps resumed on a fresh schedule:
+
+    nice -n 10 .venv/bin/python scripts/pretrain_micro.py      # stopped after step 1500
+    cp -r runs/pretrain_micro/checkpoint runs/pretrain_micro/ck1500
+    nice -n 10 .venv/bin/python scripts/pretrain_micro.py --reuse-vae \
+        --resume runs/pretrain_micro/ck1500 --unet-steps 1400 --lr 5e-4 --warmup 50 \
+        --checkpoint-every 350 --eval-prompts 16
 
 Every `--checkpoint-every` steps the current EMA weights are written to `<work>/checkpoint/`
 and scored with the pixel checker of `sdlora/shapes.py` (log in `<work>/log.jsonl`).

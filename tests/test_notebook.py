@@ -9,7 +9,7 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ip
 # The notebook trains the full demo; the suite runs it shorter (the same code path).
 SHORTER = (
     '"output.dir=runs/quickstart", "train.steps=20", "sample.report_images=2", '
-    '"train.prior_images=0"'
+    '"train.prior_images=0", "sample.steps=4"'
 )
 
 
@@ -19,7 +19,7 @@ def test_quickstart_notebook_runs(tmp_path):
     config_cell.source = config_cell.source.replace('"output.dir=runs/quickstart"', SHORTER)
     NotebookClient(
         notebook,
-        timeout=600,
+        timeout=1200,
         kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
     ).execute()

@@ -137,7 +137,7 @@ def pipeline(components: dict):
 
 
 def agreement(pipe, prompts: list[str], seed: int = 0, steps: int = 20, cfg: float = 5.0):
-    """Generate one image per prompt (seed, seed+1, ...) and check each against its prompt.
+    """Generate one image per prompt (seeds seed, seed+1, ...) and check each against it.
 
     Returns (fraction of images agreeing with every claim, per-claim fractions, images).
     """
@@ -145,20 +145,22 @@ def agreement(pipe, prompts: list[str], seed: int = 0, steps: int = 20, cfg: flo
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    images, results = [], []
+    images = []
     with torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            generator = torch.Generator().manual_seed(seed + i)
-            image = pipe(
-                prompt,
+        for start in range(0, len(prompts), 16):
+            chunk = prompts[start : start + 16]
+            generators = [
+                torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))
+            ]
+            images += pipe(
+                chunk,
                 num_inference_steps=steps,
                 guidance_scale=cfg,
                 height=RESOLUTION,
                 width=RESOLUTION,
-                generator=generator,
-            ).images[0]
-            images.append(image)
-            results.append(shapes.check(prompt, image))
+                generator=generators,
+            ).images
+    results = [shapes.check(p, image) for p, image in zip(prompts, images, strict=True)]
     claims = sorted({k for r in results for k in r})
     per_claim = {
         k: sum(r[k] for r in results if k in r) / sum(k in r for r in results) for k in claims

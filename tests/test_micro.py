@@ -21,7 +21,16 @@ from sdlora.train import check_resolution
 
 REPO = Path(__file__).resolve().parent.parent
 BANDS = REPO / "datasets_examples" / "bands"
-AGREEMENT_PROMPTS = 24
+AGREEMENT_PROMPTS = 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The micro model's tensors are small: more threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ class Detection:
 
 
 # Text-encoder hidden width -> family (the first text encoder for SDXL).
-TEXT_ENCODER_WIDTHS = {768: "sd1", 1024: "sd2", 32: "sd1", 48: "sd2"}
+TEXT_ENCODER_WIDTHS = {768: "sd1", 1024: "sd2", 32: "sd1", 48: "sd2", 96: "sd1"}  # 96: micro
 METADATA_FAMILIES = {
     "sd_v1": "sd1", "sd_v2": "sd2", "sd_v2_v": "sd2-v", "sdxl_base_v1-0": "sdxl",
     "stable-diffusion-v1/lora": "sd1", "stable-diffusion-v2-512/lora": "sd2",

@@ -7,6 +7,7 @@ import struct
 import pytest
 import safetensors.torch
 import torch
+from conftest import random_lora
 from diffusers import UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -19,12 +20,11 @@ from sdlora.lora import (
     UNET_ATTENTION,
     Lora,
     LoraModule,
-    extract_lora,
     inject_lora,
     lora_layers,
 )
 from sdlora.lorafile import inspect_lora, lora_from_state_dict, read_lora
-from sdlora.models import config_folder, load_base
+from sdlora.models import config_folder
 from sdlora.naming import split_kohya_name
 
 
@@ -127,23 +127,9 @@ def test_kohya_names_map_back_to_paths():
         assert split_kohya_name(name) == expected, name
 
 
-def _random_lora(family="sd1", rank=4, seed=0) -> tuple[Lora, object]:
-    base = load_base(f"tiny:{family}")
-    torch.manual_seed(seed)
-    inject_lora(base.unet, rank, rank / 2, UNET_ATTENTION)
-    for te in base.text_encoders.values():
-        inject_lora(te, rank, rank / 2, TEXT_ENCODER_ATTENTION)
-    components = {}
-    for name, model in {"unet": base.unet, **base.text_encoders}.items():
-        for layer in lora_layers(model).values():
-            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
-        components[name] = extract_lora(model)
-    return Lora(components, family=family), base
-
-
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_kohya_and_diffusers_files_round_trip_losslessly(family, tmp_path):
-    lora, _ = _random_lora(family)
+    lora = random_lora(family)
     kohya = save_lora(tmp_path / "k.safetensors", lora, family, "kohya", {}, "fp32")
     diffusers = save_lora(tmp_path / "d.safetensors", lora, family, "diffusers", {}, "fp32")
     for path in (kohya, diffusers):
@@ -159,7 +145,7 @@ def test_kohya_and_diffusers_files_round_trip_losslessly(family, tmp_path):
 def test_export_cli_converts_back_to_identical_tensors(tmp_path):
     from sdlora.cli import main
 
-    lora, _ = _random_lora("sd1")
+    lora = random_lora("sd1")
     first = save_lora(tmp_path / "a.safetensors", lora, "sd1", "kohya", {}, "fp16")
     assert (
         main(["export", str(first), "--format", "diffusers", "-o", str(tmp_path / "b.safetensors")])
@@ -205,7 +191,7 @@ def test_metadata_values_are_strings_and_header_stays_small(tmp_path):
     assert meta["modelspec.prediction_type"] == "v"
     assert meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
     assert json.loads(meta["ss_tag_frequency"])["style"]["zk"] == 1
-    lora, _ = _random_lora("sd1")
+    lora = random_lora("sd1")
     path = save_kohya(tmp_path / "big.safetensors", lora, "sd1", meta)
     data = path.read_bytes()
     header_len = struct.unpack("<Q", data[:8])[0]
@@ -219,7 +205,7 @@ def test_metadata_values_are_strings_and_header_stays_small(tmp_path):
 def test_inspect_reports_family_counts_triggers_and_hashes(tmp_path, capsys):
     from sdlora.cli import main
 
-    lora, _ = _random_lora("sdxl")
+    lora = random_lora("sdxl")
     meta = build_metadata(family="sdxl", title="t", rank=4, alpha=2, trigger_words=["zkfoo"],
                           resolution=1024)  # fmt: skip
     path = save_kohya(tmp_path / "x.safetensors", lora, "sdxl", meta)
@@ -269,7 +255,7 @@ def test_broken_files_are_named(tmp_path, content, message):
 
 
 def test_cut_off_file_is_truncated(tmp_path):
-    lora, _ = _random_lora("sd1")
+    lora = random_lora("sd1")
     path = save_lora(tmp_path / "x.safetensors", lora, "sd1", "kohya", {}, "fp16")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -294,7 +280,7 @@ def test_lycoris_and_full_checkpoints_are_named(tmp_path):
 
 
 def test_pickle_files_need_permission_and_load_weights_only(tmp_path):
-    lora, _ = _random_lora("sd1")
+    lora = random_lora("sd1")
     tensors = to_kohya_state_dict(lora, "sd1", "fp32")
     path = tmp_path / "old.ckpt"
     torch.save(tensors, path)

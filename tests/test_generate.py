@@ -6,36 +6,16 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import random_lora
 from PIL import Image
 
 from sdlora.cli import main
 from sdlora.export import build_metadata, save_lora
 from sdlora.generate import Generator, LoraSpec, generate, prompt_loras
-from sdlora.lora import (
-    TEXT_ENCODER_ATTENTION,
-    UNET_ATTENTION,
-    Lora,
-    extract_lora,
-    inject_lora,
-    lora_layers,
-)
-from sdlora.models import load_base
 
 
 def _make_lora(path, family="sd1", trigger="zkfoo", file_format="kohya", seed=0):
-    import torch
-
-    base = load_base(f"tiny:{family}")
-    torch.manual_seed(seed)
-    inject_lora(base.unet, 4, 4, UNET_ATTENTION)
-    components = {"unet": base.unet}
-    for name, encoder in base.text_encoders.items():
-        inject_lora(encoder, 4, 4, TEXT_ENCODER_ATTENTION)
-        components[name] = encoder
-    for model in components.values():
-        for layer in lora_layers(model).values():
-            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.3)
-    lora = Lora({name: extract_lora(model) for name, model in components.items()})
+    lora = random_lora(family, alpha=4, std=0.3, seed=seed)
     meta = build_metadata(family=family, title=path.stem, rank=4, alpha=4, trigger_words=[trigger],
                           resolution=64)  # fmt: skip
     return save_lora(path, lora, family, file_format, meta, "fp32")

@@ -5,15 +5,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import random_lora
 
 from sdlora.guard import IncompatibleLora, check_compatible
 from sdlora.lora import (
-    TEXT_ENCODER_ATTENTION,
-    UNET_ATTENTION,
     Lora,
     LoraModule,
-    extract_lora,
-    inject_lora,
 )
 from sdlora.models import load_base
 from sdlora.tiny import TINY_FAMILIES
@@ -22,16 +19,11 @@ TITLES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sd2-v": "SD 2.x", "sdxl": "SDXL"}
 
 
 def _lora_for(family: str) -> Lora:
-    base = load_base(f"tiny:{family}")
-    inject_lora(base.unet, 2, 2, UNET_ATTENTION)
-    components = {"unet": extract_lora(base.unet)}
-    for name, encoder in base.text_encoders.items():
-        inject_lora(encoder, 2, 2, TEXT_ENCODER_ATTENTION)
-        components[name] = extract_lora(encoder)
-    metadata = {"modelspec.prediction_type": "v" if family == "sd2-v" else "epsilon",
-                "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v",
-                                          "sdxl": "sdxl_base_v1-0"}[family]}  # fmt: skip
-    return Lora(components, family=family, metadata=metadata)
+    lora = random_lora(family, rank=2, alpha=2, std=0.0)
+    lora.metadata = {"modelspec.prediction_type": "v" if family == "sd2-v" else "epsilon",
+                     "ss_base_model_version": {"sd1": "sd_v1", "sd2": "sd_v2", "sd2-v": "sd_v2_v",
+                                               "sdxl": "sdxl_base_v1-0"}[family]}  # fmt: skip
+    return lora
 
 
 @pytest.fixture(scope="module")

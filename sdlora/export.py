@@ -21,7 +21,7 @@ import torch
 from peft import LoraConfig
 
 from sdlora.families import FAMILIES
-from sdlora.lora import Lora
+from sdlora.lora import Lora, most_common
 from sdlora.lorafile import sha256_after_header
 from sdlora.naming import kohya_name
 
@@ -164,8 +164,8 @@ def to_diffusers_state_dict(
         for path, module in modules.items():
             tensors[f"{component}.{path}.lora_A.weight"] = module.down.to(torch_dtype).contiguous()
             tensors[f"{component}.{path}.lora_B.weight"] = module.up.to(torch_dtype).contiguous()
-        rank = _most_common([m.rank for m in modules.values()])
-        alpha = _most_common([m.alpha for m in modules.values()])
+        rank = most_common([m.rank for m in modules.values()])
+        alpha = most_common([m.alpha for m in modules.values()])
         config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
@@ -193,7 +193,3 @@ def save_lora(
     tensors, own = to_diffusers_state_dict(lora, dtype)
     metadata.update(own)
     return write_atomic(path, safetensors.torch.save(tensors, metadata=metadata))
-
-
-def _most_common(values: list):
-    return max(set(values), key=lambda v: (values.count(v), v))

@@ -14,7 +14,7 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.families import FAMILIES, detect_lora_family, same_architecture
-from sdlora.lora import Lora
+from sdlora.lora import Lora, resolve_path
 
 SHOW = 3
 
@@ -60,10 +60,11 @@ def check_compatible(base, lora: Lora, lora_name: str = "this LoRA") -> list[str
     """
     notes = check_family(base.family, lora, lora_name)
     components = {"unet": base.unet, **base.text_encoders}
+    names = {c: {n for n, _ in m.named_modules()} for c, m in components.items()}
     missing, mismatched = [], []
     for component, path, module in lora.modules():
         model = components.get(component)
-        weight = _weight(model, path) if model is not None else None
+        weight = _weight(model, names[component], path) if model is not None else None
         if weight is None:
             missing.append(f"{component}:{path}")
             continue
@@ -88,14 +89,10 @@ def check_compatible(base, lora: Lora, lora_name: str = "this LoRA") -> list[str
     return notes
 
 
-def _weight(model: torch.nn.Module, path: str) -> torch.Tensor | None:
-    for candidate in (path, "text_model." + path):  # see `sdlora.lora.extract_lora`
-        try:
-            module = model.get_submodule(candidate)
-            break
-        except AttributeError:
-            continue
-    else:
+def _weight(model: torch.nn.Module, names: set[str], path: str) -> torch.Tensor | None:
+    try:
+        module = model.get_submodule(resolve_path(names, path))
+    except KeyError:
         return None
     module = getattr(module, "base_layer", module)  # a module already wrapped by peft
     weight = getattr(module, "weight", None)

@@ -128,9 +128,8 @@ def add_lora(model: torch.nn.Module, modules: dict[str, LoraModule], adapter: st
     """
     names = {name for name, _ in model.named_modules()}
     resolved = {resolve_path(names, path): module for path, module in modules.items()}
-    ranks = [m.rank for m in resolved.values()]
-    alphas = [m.alpha for m in resolved.values()]
-    rank, alpha = max(set(ranks), key=ranks.count), max(set(alphas), key=alphas.count)
+    rank = most_common([m.rank for m in resolved.values()])
+    alpha = most_common([m.alpha for m in resolved.values()])
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -151,6 +150,11 @@ def add_lora(model: torch.nn.Module, modules: dict[str, LoraModule], adapter: st
             up.copy_(module.up.reshape(up.shape))
             down.requires_grad_(False)
             up.requires_grad_(False)
+
+
+def most_common(values: list):
+    """The most frequent value (ties: the largest), the default rank or alpha of a LoRA."""
+    return max(set(values), key=lambda v: (values.count(v), v))
 
 
 def resolve_path(names: set[str], path: str) -> str:

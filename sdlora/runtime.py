@@ -94,9 +94,6 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(device)
         self.device = device
 
-    def update(self) -> None:
-        """Kept for symmetry with CUDA's counter; both sources track their own peak."""
-
     def megabytes(self) -> float:
         if self.cuda:
             return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)

@@ -348,7 +348,6 @@ def train(
                 writer.add_scalar("train/grad_norm", grad_norm, step)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             bar.update(1)
-            peak.update()
             should_save = c_train.save_every and step % c_train.save_every == 0
             if main and (should_save or stop.signum is not None):
                 check_finite(flat_params, step)

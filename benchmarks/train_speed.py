@@ -7,9 +7,11 @@ Each row is one real `sdlora.train()` run in its own process (so peak memory is 
 on a folder of images at the row's resolution. Rows:
 - tiny:sd1 at 64 px and the SD 1.5 architecture with random weights (`random:sd1`) at 256 px,
   with latents cached (sdlora's default) or encoded every step, gradient checkpointing on/off;
-- "per-step encoding": the UNet-only LoRA with the VAE run on every step, the way diffusers'
-  `train_text_to_image_lora.py` works, against sdlora's default for the same UNet-only
-  LoRA; the ratio of their wall times and peak memories is printed under the table;
+- the comparison with diffusers' `train_text_to_image_lora.py`: its training loop rebuilt step
+  for step (`reference_loop.py`, which says how) against sdlora on the same UNet-only LoRA
+  (rank 16, attention), model, images (512 px files, trained at 256 with random flips),
+  steps and precision; the ratios of loop time, process wall time and the loop's peak
+  memory are printed under the table;
 - on CUDA: SD 1.5 at 512 and SDXL at 1024 in bf16, batch 1/4/8, with model FLOPs
   utilisation from FLOPs counted on one training step (torch's FlopCounterMode).
 """
@@ -21,6 +23,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from PIL import Image
@@ -31,18 +34,26 @@ EXAMPLES = REPO / "datasets_examples" / "stripes"
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0}
 
 
-def make_images(folder: Path, resolution: int, count: int = 8) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+def make_images(folder: Path, size: int, count: int = 8) -> Path:
+    """`count` example images saved at `size` px (with their captions) in `folder`."""
+    if folder.is_dir():
+        return folder
+    folder.mkdir(parents=True)
     for path in sorted(EXAMPLES.glob("*.png"))[:count]:
         with Image.open(path) as img:
-            img.convert("RGB").resize((resolution, resolution)).save(folder / path.name)
+            img.convert("RGB").resize((size, size), Image.Resampling.LANCZOS).save(
+                folder / path.name
+            )
         (folder / path.with_suffix(".txt").name).write_text(path.with_suffix(".txt").read_text())
     return folder
 
 
 def run_one(row: dict, work: Path) -> dict:
     """One training run in a fresh process; returns its run.json plus the row."""
-    data = make_images(work / f"data{row['resolution']}", row["resolution"])
+    source = row.get("source", row["resolution"])
+    data = make_images(work / f"data{source}", source)
+    if row.get("reference"):
+        return run_reference(row, data)
     out = work / row["name"].replace(" ", "_").replace("/", "_")
     overrides = [
         f"model.base={row['base']}",
@@ -50,6 +61,7 @@ def run_one(row: dict, work: Path) -> dict:
         "dataset.trigger=zkstripes",
         f"dataset.resolution={row['resolution']}",
         "dataset.buckets=false",
+        f"dataset.flip={str(row.get('flip', False)).lower()}",
         f"dataset.cache_latents={str(row['cache']).lower()}",
         f"lora.text_encoder={str(row.get('text_encoder', True)).lower()}",
         f"train.steps={row['steps']}",
@@ -64,11 +76,32 @@ def run_one(row: dict, work: Path) -> dict:
     config = work / "empty.toml"
     config.write_text("")
     cmd = [sys.executable, "-m", "sdlora", "train", str(config), *overrides, "--no-progress"]
+    started = time.time()
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode:
         return {**row, "error": result.stderr.strip().splitlines()[-1]}
     report = json.loads((out / "run.json").read_text())
-    return {**row, **report}
+    return {**row, **report, "process_s": time.time() - started}
+
+
+def run_reference(row: dict, data: Path) -> dict:
+    """The rebuilt diffusers loop (reference_loop.py) in a fresh process."""
+    cmd = [
+        sys.executable,
+        str(REPO / "benchmarks" / "reference_loop.py"),
+        str(data),
+        f"--base={row['base']}",
+        f"--resolution={row['resolution']}",
+        f"--steps={row['steps']}",
+        f"--batch={row['batch']}",
+        f"--mixed-precision={row.get('precision', 'no')}",
+    ]
+    started = time.time()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        return {**row, "error": result.stderr.strip().splitlines()[-1]}
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return {**row, **report, "process_s": time.time() - started}
 
 
 def step_flops(base_spec: str, resolution: int, batch: int, device: str) -> float:
@@ -110,12 +143,6 @@ def rows(quick: bool, cuda: bool) -> list[dict]:
             for gc in (False, True):
                 plan.append(dict(name=f"sd1.5-arch@256 cache={cache} gc={gc}", base="random:sd1",
                                  resolution=256, batch=1, steps=4, cache=cache, gc=gc))  # fmt: skip
-        plan.append(dict(name="sd1.5-arch@256 unet-only, sdlora", base="random:sd1",
-                         resolution=256, batch=1, steps=4, cache=True, gc=False,
-                         text_encoder=False))  # fmt: skip
-        plan.append(dict(name="sd1.5-arch@256 unet-only, per-step encoding", base="random:sd1",
-                         resolution=256, batch=1, steps=4, cache=False, gc=False,
-                         text_encoder=False))  # fmt: skip
     if cuda:
         for base, res in (("random:sd1", 512), ("random:sdxl", 1024)):
             for batch in (1, 4, 8):
@@ -125,10 +152,26 @@ def rows(quick: bool, cuda: bool) -> list[dict]:
     return plan
 
 
+def comparison_rows(cuda: bool, steps: int) -> list[dict]:
+    """sdlora and the rebuilt diffusers loop, same settings, in pairs (see `compare`)."""
+    resolution, precisions = (512, ("bf16",)) if cuda else (256, ("no", "bf16"))
+    plan = []
+    for precision in precisions:
+        for who in ("sdlora", "diffusers loop"):
+            plan.append(dict(name=f"sd1.5-arch@{resolution} unet-only {precision}, {who}",
+                             base="random:sd1", resolution=resolution, source=2 * resolution,
+                             batch=1, steps=steps, cache=True, gc=False, flip=True,
+                             text_encoder=False, precision=precision, pair=precision,
+                             reference=who != "sdlora"))  # fmt: skip
+    return plan
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model rows only")
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU")
+    parser.add_argument("--compare-only", action="store_true", help="only sdlora vs diffusers")
+    parser.add_argument("--compare-steps", type=int, default=8, help="steps of each comparison")
     args = parser.parse_args()
     import torch
 
@@ -139,7 +182,10 @@ def main() -> None:
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for row in rows(args.quick, cuda):
+        plan = [] if args.compare_only else rows(args.quick, cuda)
+        if not args.quick:
+            plan += comparison_rows(cuda, args.compare_steps)
+        for row in plan:
             result = run_one(row, Path(tmp))
             if row.get("flops") and "error" not in result:
                 flops = step_flops(row["base"], row["resolution"], row["batch"], "cuda")
@@ -172,14 +218,21 @@ def print_row(r: dict, header: bool) -> None:
 
 
 def compare(results: list[dict]) -> None:
-    named = {r["name"]: r for r in results if "error" not in r}
-    ours = named.get("sd1.5-arch@256 unet-only, sdlora")
-    theirs = named.get("sd1.5-arch@256 unet-only, per-step encoding")
-    if ours and theirs:
-        time_ratio = theirs["samples_per_s"] / ours["samples_per_s"]
-        memory_ratio = ours["peak_memory_mb"] / theirs["peak_memory_mb"]
-        print(f"\nsdlora vs per-step encoding (SD 1.5 arch, 256 px, UNet LoRA): wall time "
-              f"{time_ratio:.2f}x, peak memory {memory_ratio:.2f}x")  # fmt: skip
+    """sdlora against the rebuilt diffusers loop: ratios of time and memory (lower is better)."""
+    pairs: dict[str, dict] = {}
+    for r in results:
+        if "pair" in r and "error" not in r:
+            pairs.setdefault(r["pair"], {})["theirs" if r["reference"] else "ours"] = r
+    for pair in pairs.values():
+        if len(pair) < 2:
+            continue
+        ours, theirs = pair["ours"], pair["theirs"]
+        loop = theirs["samples_per_s"] / ours["samples_per_s"]
+        process = ours["process_s"] / theirs["process_s"]
+        memory = ours["peak_memory_mb"] / theirs["peak_memory_mb"]
+        print(f"\nsdlora / diffusers loop ({ours['name'].split(',')[0]}): loop time {loop:.2f}x, "
+              f"process wall time {process:.2f}x (sdlora's includes caching and two 1-step "
+              f"samples), loop peak memory {memory:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -111,8 +111,9 @@ def set_adapters(base, enabled: bool) -> None:
 def decode_latents(base, latents: torch.Tensor) -> list[Image.Image]:
     """Images from scaled VAE latents (B, 4, h, w): the training set as the base sees it."""
     with torch.no_grad():
-        pixels = base.vae.decode(latents / base.vae.config.scaling_factor).sample
-    pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
+        z = latents.to(base.vae.dtype) / base.vae.config.scaling_factor
+        pixels = base.vae.decode(z).sample
+    pixels = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
     return [Image.fromarray(p.numpy()) for p in pixels]
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import resource
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from sdlora.errors import SdloraError
 from sdlora.models import Base
@@ -59,6 +62,85 @@ def configure_memory(base: Base, c_train, device: torch.device) -> None:
         base.unet.enable_xformers_memory_efficient_attention()
 
 
+def make_accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
+    """accelerate's Accelerator for one run.
+
+    accelerate keeps its settings process-wide and refuses a second Accelerator with another
+    precision, so a notebook could train only once; they are reset here (the process group of
+    an `accelerate launch` with several processes is kept).
+    """
+    single = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    AcceleratorState._reset_state(reset_partial_state=single)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cast_frozen(base: Base, mixed_precision: str) -> torch.dtype:
+    """Store the frozen base in the mixed-precision dtype, as sd-scripts and diffusers' training
+    scripts do: half the memory, and no per-step casts under autocast. Call before LoRA layers
+    are added (`cast_trainable` then keeps them in float32).
+
+    SDXL's VAE stays in float32: in float16 it overflows to NaN (its `force_upcast` flag); the
+    half-precision latents the pipelines hand it are cast up on the way in.
+    Returns the dtype of the UNet's frozen weights.
+    """
+    dtype = HALF_DTYPES.get(mixed_precision, torch.float32)
+    for module in (base.unet, *base.text_encoders.values()):
+        module.to(dtype=dtype)
+    if base.family != "sdxl":
+        base.vae.to(dtype=dtype)
+    elif dtype != torch.float32:
+        first = getattr(base.vae, "post_quant_conv", None) or base.vae.decoder
+        first.register_forward_pre_hook(_to_own_dtype)
+    return dtype
+
+
+def _to_own_dtype(module: torch.nn.Module, args: tuple) -> tuple:
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
+def cast_trainable(*models: torch.nn.Module) -> None:
+    """LoRA parameters in float32 whatever the frozen weights' dtype (optimizer precision)."""
+    for model in models:
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+
+class Offload:
+    """Frozen modules kept in host memory while the training loop does not need them.
+
+    On a CUDA device, once every latent is cached the VAE is only needed for samples, and a
+    frozen text encoder whose outputs are all cached likewise: parking them frees their weights
+    (and the VAE's activations) for the UNet. `use()` brings them back for a while.
+    """
+
+    def __init__(self, modules: list[torch.nn.Module], device: torch.device):
+        self.modules = modules if device.type == "cuda" else []
+        self.device = device
+
+    def park(self) -> None:
+        for module in self.modules:
+            module.to("cpu")
+        if self.modules:
+            torch.cuda.empty_cache()
+
+    def unpark(self) -> None:
+        for module in self.modules:
+            module.to(self.device)
+
+    @contextmanager
+    def use(self):
+        self.unpark()
+        try:
+            yield
+        finally:
+            self.park()
+
+
 def take_batch(order, accelerator: Accelerator) -> list[int]:
     """This process's batch: of every `num_processes` batches, the one at its index."""
     batches = [next(order) for _ in range(accelerator.num_processes)]
@@ -86,15 +168,31 @@ def ranks_agree(params: dict[str, torch.Tensor], accelerator: Accelerator) -> bo
 
 
 class PeakMemory:
-    """Peak memory of the run: CUDA allocations on a GPU, the process's resident set on CPU."""
+    """Peak memory from now on: CUDA allocations on a GPU, the process's resident set on CPU.
+
+    On Linux the resident-set high-water mark is reset here too (`/proc/self/clear_refs`), so
+    the figure is the training loop's, not the loading's (where float32 weights are read before
+    a cast to bf16); elsewhere it is the whole process's `ru_maxrss`.
+    """
+
+    STATUS, CLEAR = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.device = device
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        self.device = device
+            return
+        try:
+            self.CLEAR.write_text("5")  # 5: reset the peak resident set size
+            self.proc = "VmHWM" in self.STATUS.read_text()
+        except OSError:
+            self.proc = False
 
     def megabytes(self) -> float:
         if self.cuda:
             return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        if self.proc:
+            line = next(x for x in self.STATUS.read_text().splitlines() if x.startswith("VmHWM"))
+            return round(int(line.split()[1]) / 1024, 1)  # "VmHWM:  123456 kB"
         return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

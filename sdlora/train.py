@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
@@ -64,8 +63,12 @@ from sdlora.prior import PriorSet, generate_prior
 from sdlora.report import decode_latents, learning_report, set_adapters, summary
 from sdlora.runtime import (
     OPTIMIZER_NAMES,
+    Offload,
     PeakMemory,
+    cast_frozen,
+    cast_trainable,
     configure_memory,
+    make_accelerator,
     make_optimizer,
     out_of_memory_advice,
     ranks_agree,
@@ -163,7 +166,7 @@ def train(
         raise SdloraError("train.device is cuda but no CUDA device is available; use cpu or auto")
     if c_train.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise SdloraError("train.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
-    accelerator = Accelerator(mixed_precision=c_train.mixed_precision, cpu=c_train.device == "cpu")
+    accelerator = make_accelerator(c_train.mixed_precision, cpu=c_train.device == "cpu")
     device, main = accelerator.device, accelerator.is_main_process
     say = print if main else _quiet
 
@@ -185,6 +188,7 @@ def train(
         config_dir=config.model.config_dir,
         allow_pickle=config.model.allow_pickle,
     )
+    weight_dtype = cast_frozen(base, c_train.mixed_precision)
     torch.manual_seed(c_train.seed)
     inject_lora(base.unet, c_lora.rank, c_lora.alpha, UNET_TARGET_PRESETS[c_lora.unet_targets])
     train_te = c_lora.text_encoder and (
@@ -196,6 +200,7 @@ def train(
         else:
             encoder.requires_grad_(False)
     base.vae.requires_grad_(False)
+    cast_trainable(base.unet, *base.text_encoders.values())
     if c_lora.init_from:
         start_from_lora(base, Path(c_lora.init_from), c_lora.alpha)
     for module in (base.unet, base.vae, *base.text_encoders.values()):
@@ -206,7 +211,10 @@ def train(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
-    say(f"sdlora: training {base.family} LoRA on {len(scan.examples)} images -> {run_dir}")
+    say(
+        f"sdlora: training {base.family} LoRA on {len(scan.examples)} images -> {run_dir} "
+        f"(frozen weights in {str(weight_dtype).removeprefix('torch.')})"
+    )
 
     # Frozen models' outputs are computed once: latents per image and flip, text per caption.
     cache_dir = Path(c_data.cache_dir) if c_data.cache_dir else None
@@ -231,6 +239,18 @@ def train(
         )
         set_adapters(base, True)
         say(f"  prior preservation: {len(prior.captions)} images drawn by the base")
+
+    # On a GPU, frozen modules whose every output is cached wait in host memory.
+    parked = []
+    if c_data.cache_latents and c_data.crop == "center":
+        parked.append(base.vae)
+    if not train_te and not c_data.shuffle_tags and not c_data.tag_dropout:
+        captions = fixed_captions(scan, c_data, prior)
+        for i in range(0, len(captions), 16):
+            text_for(captions[i : i + 16])
+        parked += list(base.text_encoders.values())
+    offload = Offload(parked, device)
+    offload.park()
 
     # Optimizer, learning-rate schedule, random streams; a resumed run restores all of them.
     params = {
@@ -272,7 +292,10 @@ def train(
         next(order)  # a resumed run continues the same sequence of batches
 
     # Sampling, logs, the loop.
-    samples = [sample(base, config, run_dir, step=0, device=device)] if main and not start else []
+    samples = []
+    if main and not start:
+        with offload.use():
+            samples.append(sample(base, config, run_dir, step=0, device=device))
     writer = _tensorboard(run_dir / "logs") if main else None
     log_path = run_dir / "log.jsonl"
     if main:
@@ -367,7 +390,8 @@ def train(
                     stop.signum,
                 )
             if main and config.sample.every and step % config.sample.every == 0 and step < steps:
-                samples.append(sample(base, config, run_dir, step=step, device=device))
+                with offload.use():
+                    samples.append(sample(base, config, run_dir, step=step, device=device))
     bar.close()
     wall = time.time() - started
     agree = ranks_agree(flat_params, accelerator)
@@ -390,6 +414,7 @@ def train(
             training=training_metadata(config, scan, started, train_te, steps),
         )
         export.save_kohya(lora_path, lora, base.family, metadata, dtype=c_out.dtype)
+        offload.unpark()  # the rest of the run only samples
         samples.append(sample(base, config, run_dir, step=steps, device=device))
         save_loss_curve(losses, run_dir / "loss.png")
 
@@ -461,6 +486,14 @@ def scan_dataset(c_data: DatasetConfig) -> Scan:
         background=parse_colour(c_data.background),
         max_pixels=c_data.max_pixels,
     )
+
+
+def fixed_captions(scan: Scan, c_data: DatasetConfig, prior: PriorSet | None) -> list[str]:
+    """Every caption a run without tag shuffling or tag dropout can show the text encoder."""
+    captions = [augment_caption(e.caption, None, c_data.keep_tokens) for e in scan.examples]
+    if c_data.caption_dropout:
+        captions.append("")
+    return captions + (prior.captions if prior is not None else [])
 
 
 def _batch(scan: Scan, idx: list[int], latents: LatentCache, c_data: DatasetConfig, rng):

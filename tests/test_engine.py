@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
@@ -18,7 +19,8 @@ from sdlora.checkpoint import MARKER, complete_checkpoints
 from sdlora.errors import SdloraError
 from sdlora.guard import IncompatibleLora
 from sdlora.models import load_base
-from sdlora.train import diffusion_loss, encode_text
+from sdlora.runtime import PeakMemory
+from sdlora.train import diffusion_loss, encode_text, fixed_captions, scan_dataset
 
 # Augmentations and a schedule with state, so resuming must restore every random stream.
 RICH = [
@@ -210,3 +212,39 @@ def test_two_processes_agree_and_only_rank_zero_writes(style_dir, tmp_path):
     assert (out / "log.jsonl").read_text().count("\n") == 3
     assert len(list((out / "logs").iterdir())) == 1
     assert result.stdout.count("LoRA:") == 1
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_bf16_stores_the_frozen_base_in_bf16_and_trains_the_lora_in_fp32(
+    style_dir, tmp_path, family
+):
+    overrides = [f"model.base=tiny:{family}", "train.mixed_precision=bf16", "output.dtype=fp32"]
+    result = train(load_config(None, tiny_overrides(style_dir, tmp_path, 2) + overrides),
+                   progress=False)  # fmt: skip
+    base = result.base
+    for model in (base.unet, base.text_encoder):
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} == {torch.bfloat16}
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    # SDXL's VAE overflows in half precision; it stays float32 and still decodes bf16 latents.
+    assert base.vae.dtype == (torch.float32 if family == "sdxl" else torch.bfloat16)
+    assert (tmp_path / "samples" / "step_000002.png").is_file()
+    weights = load_file(result.lora_path)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_up" in k)
+
+
+def test_fixed_captions_are_every_caption_the_loop_can_ask_for(style_dir):
+    config = _config(style_dir, style_dir, 1, "dataset.shuffle_tags=false")  # dropout 0.2
+    scan = scan_dataset(config.dataset)
+    captions = fixed_captions(scan, config.dataset, None)
+    assert captions[-1] == "" and len(captions) == len(scan.examples) + 1
+    assert all(c.startswith("zkstripes") for c in captions[:-1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_peak_memory_counts_from_its_start():
+    block = np.ones(200 * 2**20 // 8)  # 200 MB, touched
+    del block
+    status = open("/proc/self/status").read()
+    before = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    assert PeakMemory(torch.device("cpu")).megabytes() < before - 150

@@ -230,7 +230,7 @@ def _from_folder(path: Path, family: str | None) -> Base:
     cls = StableDiffusionXLPipeline if has_te2 else StableDiffusionPipeline
     extra = {} if has_te2 else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = cls.from_pretrained(path, local_files_only=True, **extra)
+        pipe = cls.from_pretrained(path, dtype=torch.float32, local_files_only=True, **extra)
     except (OSError, ValueError) as e:
         raise SdloraError(f"could not load the diffusers folder {path}: {e}") from None
     return _from_pipeline(str(path), pipe, family)
@@ -258,7 +258,9 @@ def _from_single_file(path: Path, family: str | None, config_dir, allow_pickle: 
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     try:
-        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, **extra)
+        pipe = cls.from_single_file(
+            str(path), config=str(config), dtype=torch.float32, local_files_only=True, **extra
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise SdloraError(
             f"could not load the checkpoint {path} with configs {config}: {e}"
@@ -286,7 +288,7 @@ def _from_micro(family: str | None) -> Base:
 
 def _from_hub(repo_id: str, family: str | None) -> Base:
     try:
-        pipe = DiffusionPipeline.from_pretrained(repo_id)
+        pipe = DiffusionPipeline.from_pretrained(repo_id, dtype=torch.float32)
     except OSError as e:
         raise SdloraError(
             f"could not fetch {repo_id!r} from the hub ({e.__class__.__name__}); offline, "

@@ -153,3 +153,14 @@ def test_random_sd15_architecture_round_trips_through_diffusers(tmp_path):
     for a, b, c in zip(trained, loaded, plain, strict=True):
         assert (a - b).abs().max() <= 1e-5
         assert (a - c).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_half_precision_diffusers_folder_loads_in_float32(tmp_path, family):
+    # Folders on the hub are often saved in fp16; every module must come back in one dtype.
+    parts = tiny_components(family)
+    Base(name="tiny", family=family, **parts).pipeline().to(torch.float16).save_pretrained(tmp_path)
+    base = load_base(str(tmp_path))
+    modules = (base.unet, base.vae, *base.text_encoders.values())
+    assert {m.dtype for m in modules} == {torch.float32}
+    assert torch.equal(base.unet.conv_in.weight, parts["unet"].conv_in.weight.half().float())

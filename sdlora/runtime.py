@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
 
 from sdlora.errors import SdloraError
 from sdlora.models import Base
@@ -71,7 +72,26 @@ def make_accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
     """
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     AcceleratorState._reset_state(reset_partial_state=single)
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    try:
+        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ImportError as e:  # e.g. a DeepSpeed config without deepspeed installed
+        raise SdloraError(f"accelerate could not start: {e}. {PLAIN_PARALLEL}") from None
+    check_parallelism(accelerator)
+    return accelerator
+
+
+PLAIN_PARALLEL = (
+    "sdlora trains with plain data parallelism (every process holds the frozen base, the LoRA's "
+    "gradients are averaged): launch with `accelerate launch --multi_gpu` and no DeepSpeed or "
+    "FSDP config"
+)
+
+
+def check_parallelism(accelerator) -> None:
+    """Refuse a sharded setup (DeepSpeed, FSDP, Megatron) rather than silently not shard."""
+    kind = accelerator.distributed_type
+    if kind in (DistributedType.DEEPSPEED, DistributedType.FSDP, DistributedType.MEGATRON_LM):
+        raise SdloraError(f"accelerate is configured for {kind.value}; {PLAIN_PARALLEL}")
 
 
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from accelerate.utils import DistributedType
 from conftest import tiny_overrides
 from safetensors.torch import load_file
 
@@ -19,7 +20,7 @@ from sdlora.checkpoint import MARKER, complete_checkpoints
 from sdlora.errors import SdloraError
 from sdlora.guard import IncompatibleLora
 from sdlora.models import load_base
-from sdlora.runtime import PeakMemory
+from sdlora.runtime import PeakMemory, check_parallelism
 from sdlora.train import diffusion_loss, encode_text, fixed_captions, scan_dataset
 
 # Augmentations and a schedule with state, so resuming must restore every random stream.
@@ -248,3 +249,21 @@ def test_peak_memory_counts_from_its_start():
     status = open("/proc/self/status").read()
     before = int(status.split("VmHWM:")[1].split()[0]) / 1024
     assert PeakMemory(torch.device("cpu")).megabytes() < before - 150
+
+
+def test_a_deepspeed_launch_is_refused_plainly(style_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what a DeepSpeed config sets
+    with pytest.raises(SdloraError, match="plain data parallelism"):
+        train(_config(style_dir, tmp_path / "run", 1), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["DEEPSPEED", "FSDP", "MEGATRON_LM"])
+def test_sharded_setups_are_refused_and_plain_ones_pass(kind):
+    class Launched:
+        distributed_type = DistributedType[kind]
+
+    with pytest.raises(SdloraError, match=f"configured for {kind}"):
+        check_parallelism(Launched())
+    Launched.distributed_type = DistributedType.MULTI_GPU
+    check_parallelism(Launched())

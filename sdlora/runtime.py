@@ -107,10 +107,11 @@ def cast_frozen(base: Base, mixed_precision: str) -> torch.dtype:
     Returns the dtype of the UNet's frozen weights.
     """
     dtype = HALF_DTYPES.get(mixed_precision, torch.float32)
+    # torch's own `to`: diffusers' warns about fp32-only modules even when a model has none.
     for module in (base.unet, *base.text_encoders.values()):
-        module.to(dtype=dtype)
+        torch.nn.Module.to(module, dtype=dtype)
     if base.family != "sdxl":
-        base.vae.to(dtype=dtype)
+        torch.nn.Module.to(base.vae, dtype=dtype)
     elif dtype != torch.float32:
         first = getattr(base.vae, "post_quant_conv", None) or base.vae.decoder
         first.register_forward_pre_hook(_to_own_dtype)

@@ -1,5 +1,6 @@
 """The `sdlora` command: files written, generation, and one-line errors with exit code 2."""
 
+import os
 import subprocess
 import sys
 
@@ -69,12 +70,13 @@ def test_generate_writes_pngs_with_infotext(trained, tmp_path):
     assert 'Lora hashes: "style: ' in params
 
 
-def _run_cli(*args, cwd=None):
+def _run_cli(*args, cwd=None, env=None):
     return subprocess.run(
         [sys.executable, "-m", "sdlora", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
+        env=env,
         timeout=300,
     )
 
@@ -120,3 +122,11 @@ def test_training_never_writes_into_the_dataset_folder(style_dir, tmp_path):
     overrides = tiny_overrides(style_dir, tmp_path / "run", steps=1)
     assert main(["train", str(config), *overrides, "--no-progress"]) == 0
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in style_dir.iterdir()} == before
+
+
+def test_commands_print_no_library_noise(trained):
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}  # as a user's
+    result = _run_cli("inspect", str(trained.lora_path), env=env)
+    assert result.returncode == 0
+    assert result.stderr == ""  # e.g. transformers' torchvision notice about CLIP's image processor
+    assert "family:      sd1" in result.stdout

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", metavar="AXIS=V1,V2", help="scales=0,0.5,1 or trigger=on,off")
     p.add_argument("--no-fuse", action="store_true", help="keep LoRAs as separate layers")
     p.add_argument("--allow-pickle", action="store_true", help="read pickle LoRAs (weights only)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        help="auto: fp16 on CUDA, fp32 on the CPU",
+    )
 
     p = sub.add_parser("merge", help="fuse LoRAs into a base and save a diffusers folder")
     p.add_argument("--base", required=True)
@@ -164,7 +171,12 @@ def cmd_generate(args) -> int:
     prompt, tagged = prompt_loras(args.prompt, args.lora_dir)
     loras = [LoraSpec.parse(text) for text in args.lora] + tagged
     generator = Generator.load(
-        args.base, loras, fuse=not (args.no_fuse or args.grid), allow_pickle=args.allow_pickle
+        args.base,
+        loras,
+        fuse=not (args.no_fuse or args.grid),
+        allow_pickle=args.allow_pickle,
+        device=args.device,
+        dtype=args.dtype,
     )
     render = dict(negative=args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
                   size=args.size, sampler=args.sampler)  # fmt: skip
@@ -186,7 +198,8 @@ def cmd_merge(args) -> int:
 
     if args.out.exists():
         raise SdloraError(f"{args.out} already exists; choose a new folder for the merged model")
-    generator = Generator.load(args.base, [LoraSpec.parse(t) for t in args.lora], fuse=True)
+    loras = [LoraSpec.parse(t) for t in args.lora]
+    generator = Generator.load(args.base, loras, fuse=True, device="cpu", dtype="fp32")
     pipe = generator.pipeline()
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
     pipe.save_pretrained(args.out)

@@ -137,8 +137,12 @@ class Generator:
         loras: list[LoraSpec] | tuple[LoraSpec, ...] = (),
         fuse: bool = False,
         allow_pickle: bool = False,
+        device: str = "auto",
+        dtype: str = "auto",
     ) -> Generator:
-        """Read and check every LoRA, load the base, attach the LoRAs (fused if asked)."""
+        """Read and check every LoRA, load the base, attach the LoRAs (fused if asked), then
+        move everything to `device` in `dtype` (see `placement`)."""
+        target, torch_dtype = placement(device, dtype)
         loras = list(loras)
         family = base.family if isinstance(base, Base) else None
         for spec in loras:
@@ -160,8 +164,10 @@ class Generator:
         generator = cls(base, loras, model_hash=base_hash(base))
         generator.set_scales([s.scale for s in loras])
         if fuse and loras:
-            generator.pipeline().fuse_lora(adapter_names=generator.adapters())
+            generator.pipeline().fuse_lora(adapter_names=generator.adapters())  # in fp32
             generator.fused = True
+        for model in (base.unet, base.vae, *base.text_encoders.values()):
+            model.to(target, torch_dtype)
         return generator
 
     def adapters(self) -> list[str]:
@@ -215,6 +221,28 @@ class Generator:
         return images
 
 
+INFERENCE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """Where and in what precision to generate: `auto` is CUDA in fp16 when there is a GPU,
+    else the CPU in fp32. fp16 is refused on the CPU (slow, and not every kernel has it)."""
+    cuda = torch.cuda.is_available()
+    if device == "auto":
+        device = "cuda" if cuda else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise SdloraError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if device == "cuda" and not cuda:
+        raise SdloraError("device cuda was asked for but no CUDA device is available; use cpu")
+    if dtype == "auto":
+        dtype = "fp16" if device == "cuda" else "fp32"
+    if dtype not in INFERENCE_DTYPES:
+        raise SdloraError(f"unknown dtype {dtype!r}; choose auto, {', '.join(INFERENCE_DTYPES)}")
+    if dtype == "fp16" and device == "cpu":
+        raise SdloraError("fp16 generation needs a CUDA device; use bf16 or fp32 on the CPU")
+    return torch.device(device), INFERENCE_DTYPES[dtype]
+
+
 def adapter_name(i: int) -> str:
     return f"lora{i}"
 
@@ -233,16 +261,19 @@ def generate(
     trigger: str = "warn",
     lora_dir: str | Path | None = None,
     fuse: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> list[Image.Image]:
     """Images for `prompt` from `base` with `loras` applied (PIL images, infotext attached).
 
     `<lora:NAME:SCALE>` tags in the prompt are resolved in `lora_dir`; `trigger="auto"` puts
     missing trigger words first. LoRAs are fused into the weights (fixed scales, faster).
+    `device`/`dtype`: see `placement` (by default a GPU in fp16 when there is one).
     """
     if sampler not in SAMPLERS:
         raise SdloraError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     prompt, tagged = prompt_loras(prompt, Path(lora_dir) if lora_dir else None)
-    generator = Generator.load(base, [*loras, *tagged], fuse=fuse)
+    generator = Generator.load(base, [*loras, *tagged], fuse=fuse, device=device, dtype=dtype)
     prompt = with_triggers(prompt, generator.loras, trigger)
     return generator.render(prompt, negative, steps, cfg, seed, size, num, sampler)
 

@@ -6,12 +6,14 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from conftest import random_lora
 from PIL import Image
 
 from sdlora.cli import main
+from sdlora.errors import SdloraError
 from sdlora.export import build_metadata, save_lora
-from sdlora.generate import Generator, LoraSpec, generate, prompt_loras
+from sdlora.generate import Generator, LoraSpec, generate, placement, prompt_loras
 
 
 def _make_lora(path, family="sd1", trigger="zkfoo", file_format="kohya", seed=0):
@@ -158,3 +160,26 @@ def test_bad_generate_input_is_one_line_exit_2(loras, tmp_path, args, message):
     lines = [line for line in result.stderr.splitlines() if line.startswith("sdlora:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_generation_in_bf16_matches_fp32_closely(loras, family):
+    spec = LoraSpec(loras["a" if family == "sd1" else "xl"])
+    kwargs = dict(prompt="a circle", steps=2, size=(64, 64), trigger="off")
+    full = generate(f"tiny:{family}", [spec], device="cpu", dtype="fp32", **kwargs)[0]
+    half = generate(f"tiny:{family}", [spec], device="cpu", dtype="bf16", **kwargs)[0]
+    a, b = (np.asarray(i, dtype=np.float32) for i in (full, half))
+    assert 0 < np.abs(a - b).mean() < 8  # bf16 rounding, not a different picture
+
+
+@pytest.mark.parametrize(
+    "device, dtype, message",
+    [("cpu", "fp16", "fp16 generation needs a CUDA device"), ("tpu", "auto", "unknown device")],
+)
+def test_placement_refuses_what_cannot_run(device, dtype, message):
+    with pytest.raises(SdloraError, match=message):
+        placement(device, dtype)
+    if not torch.cuda.is_available():
+        with pytest.raises(SdloraError, match="no CUDA device"):
+            placement("cuda", "auto")
+        assert placement() == (torch.device("cpu"), torch.float32)

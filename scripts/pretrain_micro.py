@@ -63,7 +63,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--caption-dropout", type=float, default=0.1)
+    p.add_argument("--drop-position", type=float, default=0.3, help="captions without position")
+    p.add_argument("--drop-background", type=float, default=0.3, help="... without background")
     p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument(
+        "--max-weight",
+        type=float,
+        default=1.0,
+        help="weigh each sample's loss by min(1 / alpha_bar(t), this): above 1, the noisiest "
+        "steps, where the layout (the shape's position) is decided, count more",
+    )
+    p.add_argument("--beta-end", type=float, default=0.012, help="last beta of the schedule")
+    p.add_argument("--t-min", type=int, default=0, help="train on timesteps from this one up")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--eval-prompts", type=int, default=24)
     p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of the scoring samples")
@@ -155,8 +166,13 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(x).latent_dist.mean for x in images.split(256)])
 
 
-def caption_ids(tokenizer, scenes, rng: random.Random, dropout: float) -> torch.Tensor:
-    captions = ["" if rng.random() < dropout else shapes.partial(s, rng).caption() for s in scenes]
+def caption_ids(tokenizer, scenes, rng: random.Random, args) -> torch.Tensor:
+    captions = [
+        ""
+        if rng.random() < args.caption_dropout
+        else shapes.partial(s, rng, args.drop_position, args.drop_background).caption()
+        for s in scenes
+    ]
     return tokenizer(
         captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
@@ -192,6 +208,7 @@ def main(argv=None) -> dict:
 
     log({"settings": {k: str(v) for k, v in vars(args).items()}})
     parts = micro.fresh_components(args.seed)
+    parts["scheduler"] = micro.scheduler(args.beta_end)
     scenes, images = draw_dataset(args.images, args.seed)
 
     # Phase 1: the VAE, then its latent scale.
@@ -242,12 +259,13 @@ def main(argv=None) -> dict:
     result = {}
     for step in range(1, total + 1):
         idx = torch.randint(0, len(scenes), (args.batch,), generator=gen)
-        ids = caption_ids(tok, [scenes[i] for i in idx.tolist()], rng, args.caption_dropout)
+        ids = caption_ids(tok, [scenes[i] for i in idx.tolist()], rng, args)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
+        t = torch.randint(args.t_min, sched.config.num_train_timesteps, (args.batch,), generator=gen)
         pred = unet(sched.add_noise(x0, noise, t), t, te(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        weight = (1 / sched.alphas_cumprod[t]).clamp(max=args.max_weight)
+        loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weight).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -269,7 +287,7 @@ def main(argv=None) -> dict:
             final = {**parts, "unet": ema["unet"], "text_encoder": ema["te"]}
             save(final, args.work / "checkpoint")
             overall, per_claim, _ = micro.agreement(
-                micro.pipeline({**final, "scheduler": micro.scheduler()}),
+                micro.pipeline({**final, "scheduler": micro.scheduler(args.beta_end)}),
                 shapes.check_prompts(args.eval_prompts, seed=123),
                 steps=args.eval_steps,
             )

@@ -1,0 +1,76 @@
+"""How the demo's learning report moves with rank, steps and the drift levers: the demo run
+(`configs/demo.toml` on the micro model) and single changes to it, printed as a table.
+
+    python benchmarks/demo_options.py              # every row, two runs at a time
+    python benchmarks/demo_options.py --jobs 1 --rows 0 3    # the demo and rank 4
+
+Each row is a real `sdlora train` in its own process at one torch thread; wall time is the
+whole run (prior images, training, samples, report), so it grows when runs share the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ROWS = [
+    [],
+    ["train.prior_images=0"],
+    ["train.prior_images=0", "train.steps=600"],
+    ["lora.rank=4", "lora.alpha=4"],
+    ["lora.rank=16", "lora.alpha=16"],
+    ["train.steps=150"],
+    ["train.steps=600"],
+    ["dataset.caption_dropout=0.1"],
+]
+"""Overrides of each row; the first is the demo itself."""
+
+
+def row_name(overrides: list[str]) -> str:
+    return " ".join(overrides) or "demo"
+
+
+def run(name: str, overrides: list[str], work: Path) -> dict:
+    out = work / name.replace(" ", "_").replace("=", "-")
+    cmd = [sys.executable, "-m", "sdlora", "train", str(REPO / "configs" / "demo.toml"),
+           *overrides, f"output.dir={out}", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.time()
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.time() - started
+    if result.returncode:
+        return {"name": name, "error": result.stderr.strip().splitlines()[-1]}
+    report = json.loads((out / "learning_report.json").read_text())
+    return {"name": name, "wall": wall, **report}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--rows", type=int, nargs="*", help="row numbers (0 = the demo)")
+    args = parser.parse_args()
+    rows = [ROWS[i] for i in args.rows] if args.rows else ROWS
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda o: run(row_name(o), o, Path(tmp)), rows))
+    print("| run | wall | style shift with trigger | drift without trigger "
+          "| any change without trigger |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['name']} | failed: {r['error']} | | | |")
+            continue
+        shift, drift = r["style_shift_with_trigger"], r["drift_without_trigger"]
+        change = r["change_without_trigger"]
+        print(f"| {r['name']} | {r['wall']:.0f} s | {shift:.2f} | {drift:.2f} | {change:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -73,8 +73,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="weigh each sample's loss by min(1 / alpha_bar(t), this): above 1, the noisiest "
         "steps, where the layout (the shape's position) is decided, count more",
     )
-    p.add_argument("--beta-end", type=float, default=0.012, help="last beta of the schedule")
-    p.add_argument("--t-min", type=int, default=0, help="train on timesteps from this one up")
+    p.add_argument(
+        "--position-warmup",
+        type=int,
+        default=0,
+        help="first train this many steps on one colour, shape and background, so that the "
+        "position words are all there is to learn",
+    )
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--eval-prompts", type=int, default=24)
     p.add_argument("--eval-steps", type=int, default=20, help="DDIM steps of the scoring samples")
@@ -166,11 +171,12 @@ def encode(vae, images: torch.Tensor) -> torch.Tensor:
     return torch.cat([vae.encode(x).latent_dist.mean for x in images.split(256)])
 
 
-def caption_ids(tokenizer, scenes, rng: random.Random, args) -> torch.Tensor:
+def caption_ids(tokenizer, scenes, rng: random.Random, args, drop_position=None) -> torch.Tensor:
+    drop_position = args.drop_position if drop_position is None else drop_position
     captions = [
         ""
         if rng.random() < args.caption_dropout
-        else shapes.partial(s, rng, args.drop_position, args.drop_background).caption()
+        else shapes.partial(s, rng, drop_position, args.drop_background).caption()
         for s in scenes
     ]
     return tokenizer(
@@ -208,7 +214,6 @@ def main(argv=None) -> dict:
 
     log({"settings": {k: str(v) for k, v in vars(args).items()}})
     parts = micro.fresh_components(args.seed)
-    parts["scheduler"] = micro.scheduler(args.beta_end)
     scenes, images = draw_dataset(args.images, args.seed)
 
     # Phase 1: the VAE, then its latent scale.
@@ -225,6 +230,14 @@ def main(argv=None) -> dict:
         parts["vae"].save_pretrained(vae_dir)
     vae = parts["vae"].eval().requires_grad_(False)
     latents = encode(vae, images) * vae.config.scaling_factor  # (N, 4, 8, 8)
+    if args.position_warmup:
+        warm_rng = random.Random(args.seed + 3)
+        warm_scenes = [
+            shapes.Scene("red", "square", warm_rng.choice(list(shapes.POSITIONS)), "blue")
+            for _ in range(2000)
+        ]
+        warm_images = to_tensor([shapes.draw(w, warm_rng) for w in warm_scenes])
+        warm_latents = encode(vae, warm_images) * vae.config.scaling_factor
     log({"phase": "vae", "scaling_factor": vae.config.scaling_factor})
 
     # Phase 2: UNet and text encoder together.
@@ -258,11 +271,16 @@ def main(argv=None) -> dict:
     te.train()
     result = {}
     for step in range(1, total + 1):
-        idx = torch.randint(0, len(scenes), (args.batch,), generator=gen)
-        ids = caption_ids(tok, [scenes[i] for i in idx.tolist()], rng, args)
-        x0 = latents[idx]
+        if step <= args.position_warmup:
+            idx = torch.randint(0, len(warm_scenes), (args.batch,), generator=gen)
+            ids = caption_ids(tok, [warm_scenes[i] for i in idx.tolist()], rng, args, 0.0)
+            x0 = warm_latents[idx]
+        else:
+            idx = torch.randint(0, len(scenes), (args.batch,), generator=gen)
+            ids = caption_ids(tok, [scenes[i] for i in idx.tolist()], rng, args)
+            x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(args.t_min, sched.config.num_train_timesteps, (args.batch,), generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen)
         pred = unet(sched.add_noise(x0, noise, t), t, te(ids)[0]).sample
         weight = (1 / sched.alphas_cumprod[t]).clamp(max=args.max_weight)
         loss = (F.mse_loss(pred, noise, reduction="none").mean((1, 2, 3)) * weight).mean()
@@ -287,7 +305,7 @@ def main(argv=None) -> dict:
             final = {**parts, "unet": ema["unet"], "text_encoder": ema["te"]}
             save(final, args.work / "checkpoint")
             overall, per_claim, _ = micro.agreement(
-                micro.pipeline({**final, "scheduler": micro.scheduler(args.beta_end)}),
+                micro.pipeline({**final, "scheduler": micro.scheduler()}),
                 shapes.check_prompts(args.eval_prompts, seed=123),
                 steps=args.eval_steps,
             )

@@ -94,12 +94,12 @@ def unet() -> UNet2DConditionModel:
     )
 
 
-def scheduler(beta_end: float = 0.012) -> DDPMScheduler:
+def scheduler() -> DDPMScheduler:
     # The noise schedule every SD 1.x checkpoint ships with.
     return DDPMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
-        beta_end=beta_end,
+        beta_end=0.012,
         beta_schedule="scaled_linear",
         prediction_type="epsilon",
         clip_sample=False,

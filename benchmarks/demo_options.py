@@ -23,13 +23,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ROWS = [
     [],
-    ["train.prior_images=0"],
-    ["train.prior_images=0", "train.steps=600"],
+    ["train.seed=1"],
+    ["lora.rank=8", "lora.alpha=8"],
     ["lora.rank=4", "lora.alpha=4"],
-    ["lora.rank=16", "lora.alpha=16"],
-    ["train.steps=150"],
-    ["train.steps=600"],
-    ["dataset.caption_dropout=0.1"],
+    ["lora.rank=8", "lora.alpha=8", "train.prior_images=0"],
+    ["lora.rank=8", "lora.alpha=8", "train.prior_images=0", "train.steps=600"],
+    ["lora.rank=8", "lora.alpha=8", "train.steps=150"],
+    ["lora.rank=8", "lora.alpha=8", "train.steps=600"],
+    ["lora.rank=8", "lora.alpha=8", "dataset.caption_dropout=0.1"],
+    ["lora.rank=8", "lora.alpha=8", "train.prior_weight=2"],
+    ["lora.rank=8", "lora.alpha=8", "train.lr=2.5e-4"],
+    ["lora.rank=8", "lora.alpha=8", "lora.text_encoder=false"],
+    ["train.lr=2.5e-4"],
+    ["train.prior_weight=2", "train.seed=1"],
 ]
 """Overrides of each row; the first is the demo itself."""
 

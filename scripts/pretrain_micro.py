@@ -24,18 +24,22 @@ for "left", "middle" and "right" from the same seed. Two things fix it:
   places, so the position words are all there is to learn; the full world follows, and the
   positions stay learnt.
 That weighting blurs the edges a little (squares and triangles come out rounded), so the
-shipped weights end with 1500 steps of plain loss (`--max-weight 1`).
+shipped weights end with 2500 steps of plain loss (`--max-weight 1`).
 
-The shipped weights, from the VAE of an earlier run (phase 1 with the defaults) and about
-60 minutes of UNet training at one thread on a shared two-core machine:
+The shipped weights, from the VAE of an earlier run (phase 1 with the defaults) and about an
+hour of UNet training at one thread (the last phase at two) on a shared two-core machine:
 
     nice -n 10 .venv/bin/python scripts/pretrain_micro.py --work runs/pre --out runs/pre/final
-    nice -n 10 .venv/bin/python scripts/pretrain_micro.py --work runs/pre --reuse-vae \
-        --resume runs/pre/final --unet-steps 1500 --lr 3e-4 --warmup 50 --max-weight 1 \
+    nice -n 10 .venv/bin/python scripts/pretrain_micro.py --work runs/pre2 --reuse-vae \
+        --resume runs/pre/final --out runs/pre2/final --unet-steps 1500 --lr 3e-4 \
+        --warmup 50 --max-weight 1 --position-warmup 0 --checkpoint-every 250
+    nice -n 10 .venv/bin/python scripts/pretrain_micro.py --work runs/pre3 --reuse-vae \
+        --resume runs/pre2/final --unet-steps 1000 --lr 2e-4 --warmup 20 --max-weight 1 \
         --position-warmup 0 --checkpoint-every 250
 
-(the first command: VAE 1200 steps, then 3000 UNet steps of 64 with the two fixes above,
-which are the defaults; the second writes `sdlora/weights/micro/`).
+(the first: VAE 1200 steps, then 3000 UNet steps of 64 with the two fixes above, which are
+the defaults; the last writes `sdlora/weights/micro/`; `--reuse-vae` reads `<work>/vae/`, so
+copy `runs/pre/vae` into the later work folders).
 
 Every `--checkpoint-every` steps the current EMA weights are written to
 `<work>/checkpoints/step_NNNNN/` and scored with the pixel checker of `sdlora/shapes.py` (log

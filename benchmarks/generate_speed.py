@@ -15,32 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from sdlora.export import save_lora
 from sdlora.generate import Generator, LoraSpec
-from sdlora.lora import (
-    TEXT_ENCODER_ATTENTION,
-    UNET_ATTENTION,
-    Lora,
-    extract_lora,
-    inject_lora,
-    lora_layers,
-)
+from sdlora.lora import random_lora
 from sdlora.models import load_base
 
 
-def random_lora(base_spec: str, path: Path, seed: int) -> Path:
+def random_lora_file(base_spec: str, path: Path, seed: int) -> Path:
     base = load_base(base_spec)
-    torch.manual_seed(seed)
-    models = {"unet": base.unet, **base.text_encoders}
-    inject_lora(base.unet, 16, 16, UNET_ATTENTION)
-    for encoder in base.text_encoders.values():
-        inject_lora(encoder, 16, 16, TEXT_ENCODER_ATTENTION)
-    for model in models.values():
-        for layer in lora_layers(model).values():
-            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.01)
-    lora = Lora({name: extract_lora(model) for name, model in models.items()})
+    lora = random_lora(base, rank=16, alpha=16, std=0.01, seed=seed)
     return save_lora(path, lora, base.family, "kohya", {}, "fp16")
 
 
@@ -61,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         specs = [
-            LoraSpec(random_lora(args.base, Path(tmp) / f"l{i}.safetensors", i), 0.7)
+            LoraSpec(random_lora_file(args.base, Path(tmp) / f"l{i}.safetensors", i), 0.7)
             for i in range(args.loras)
         ]
         rows = [

@@ -152,6 +152,21 @@ def add_lora(model: torch.nn.Module, modules: dict[str, LoraModule], adapter: st
             up.requires_grad_(False)
 
 
+def random_lora(base, rank: int, alpha: float, std: float, seed: int = 0) -> Lora:
+    """A LoRA on `base`'s UNet and text-encoder attention with its up matrices drawn from
+    N(0, std) (std 0: the zeros of a fresh LoRA), for tests and benchmarks. Adds the layers to
+    `base` in place."""
+    torch.manual_seed(seed)
+    models = {"unet": base.unet, **base.text_encoders}
+    for name, model in models.items():
+        inject_lora(
+            model, rank, alpha, UNET_ATTENTION if name == "unet" else TEXT_ENCODER_ATTENTION
+        )
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B[ADAPTER].weight, std=std)
+    return Lora({name: extract_lora(model) for name, model in models.items()}, family=base.family)
+
+
 def most_common(values: list):
     """The most frequent value (ties: the largest), the default rank or alpha of a LoRA."""
     return max(set(values), key=lambda v: (values.count(v), v))

@@ -100,7 +100,7 @@ HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def cast_frozen(base: Base, mixed_precision: str) -> torch.dtype:
     """Store the frozen base in the mixed-precision dtype, as sd-scripts and diffusers' training
     scripts do: half the memory, and no per-step casts under autocast. Call before LoRA layers
-    are added (`cast_trainable` then keeps them in float32).
+    are added (diffusers' `cast_training_params` then keeps them in float32).
 
     SDXL's VAE stays in float32: in float16 it overflows to NaN (its `force_upcast` flag); the
     half-precision latents the pipelines hand it are cast up on the way in.
@@ -123,14 +123,6 @@ def _to_own_dtype(module: torch.nn.Module, args: tuple) -> tuple:
     return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
 
 
-def cast_trainable(*models: torch.nn.Module) -> None:
-    """LoRA parameters in float32 whatever the frozen weights' dtype (optimizer precision)."""
-    for model in models:
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
-
-
 class Offload:
     """Frozen modules kept in host memory while the training loop does not need them.
 
@@ -140,13 +132,12 @@ class Offload:
     """
 
     def __init__(self, modules: list[torch.nn.Module], device: torch.device):
-        self.modules = modules if device.type == "cuda" else []
-        self.device = device
+        self.modules, self.device = modules, device
 
     def park(self) -> None:
         for module in self.modules:
             module.to("cpu")
-        if self.modules:
+        if self.modules and self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def unpark(self) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import cast_training_params, compute_snr
 from tqdm.auto import tqdm
 
 from sdlora import export
@@ -66,7 +66,6 @@ from sdlora.runtime import (
     Offload,
     PeakMemory,
     cast_frozen,
-    cast_trainable,
     configure_memory,
     make_accelerator,
     make_optimizer,
@@ -200,7 +199,7 @@ def train(
         else:
             encoder.requires_grad_(False)
     base.vae.requires_grad_(False)
-    cast_trainable(base.unet, *base.text_encoders.values())
+    cast_training_params([base.unet, *base.text_encoders.values()], dtype=torch.float32)
     if c_lora.init_from:
         start_from_lora(base, Path(c_lora.init_from), c_lora.alpha)
     for module in (base.unet, base.vae, *base.text_encoders.values()):
@@ -240,15 +239,17 @@ def train(
         set_adapters(base, True)
         say(f"  prior preservation: {len(prior.captions)} images drawn by the base")
 
-    # On a GPU, frozen modules whose every output is cached wait in host memory.
+    # On a GPU, frozen modules whose every output is cached wait in host memory (on the CPU
+    # there is nowhere else for them, and captions are encoded as they come).
     parked = []
-    if c_data.cache_latents and c_data.crop == "center":
-        parked.append(base.vae)
-    if not train_te and not c_data.shuffle_tags and not c_data.tag_dropout:
-        captions = fixed_captions(scan, c_data, prior)
-        for i in range(0, len(captions), 16):
-            text_for(captions[i : i + 16])
-        parked += list(base.text_encoders.values())
+    if device.type == "cuda":
+        if c_data.cache_latents and c_data.crop == "center":
+            parked.append(base.vae)
+        if not train_te and not c_data.shuffle_tags and not c_data.tag_dropout:
+            captions = fixed_captions(scan, c_data, prior)
+            for i in range(0, len(captions), 16):
+                text_for(captions[i : i + 16])
+            parked += list(base.text_encoders.values())
     offload = Offload(parked, device)
     offload.park()
 

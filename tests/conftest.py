@@ -63,25 +63,7 @@ def trained(tmp_path_factory):
 def random_lora(family: str = "sd1", rank: int = 4, alpha: float = 2.0, std: float = 0.1, seed=0):
     """A LoRA on tiny:<family>'s UNet and text-encoder attention, its up matrices drawn at
     random (with std 0, the zeros of a fresh LoRA), in the canonical form."""
-    import torch
-
-    from sdlora.lora import (
-        TEXT_ENCODER_ATTENTION,
-        UNET_ATTENTION,
-        Lora,
-        extract_lora,
-        inject_lora,
-        lora_layers,
-    )
+    from sdlora import lora
     from sdlora.models import load_base
 
-    base = load_base(f"tiny:{family}")
-    torch.manual_seed(seed)
-    models = {"unet": base.unet, **base.text_encoders}
-    for name, model in models.items():
-        inject_lora(
-            model, rank, alpha, UNET_ATTENTION if name == "unet" else TEXT_ENCODER_ATTENTION
-        )
-        for layer in lora_layers(model).values():
-            torch.nn.init.normal_(layer.lora_B["default"].weight, std=std)
-    return Lora({name: extract_lora(model) for name, model in models.items()}, family=family)
+    return lora.random_lora(load_base(f"tiny:{family}"), rank, alpha, std, seed)

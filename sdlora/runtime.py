@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
-from contextlib import contextmanager
+import shutil
+import tempfile
+import weakref
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
+from peft.helpers import disable_input_dtype_casting
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from sdlora.errors import SdloraError
 from sdlora.models import Base
@@ -124,25 +131,48 @@ def _to_own_dtype(module: torch.nn.Module, args: tuple) -> tuple:
 
 
 class Offload:
-    """Frozen modules kept in host memory while the training loop does not need them.
+    """Frozen modules kept out of the way while the training loop does not need them.
 
-    On a CUDA device, once every latent is cached the VAE is only needed for samples, and a
-    frozen text encoder whose outputs are all cached likewise: parking them frees their weights
-    (and the VAE's activations) for the UNet. `use()` brings them back for a while.
+    Once every latent is cached the VAE is only needed for samples, and a frozen text encoder
+    whose outputs are all cached likewise. On a CUDA device they wait in host memory, freeing
+    their weights (and the VAE's activations) for the UNet. On the CPU their tensors are
+    written once to `folder` (a file per module; the weights are frozen, so later parks only
+    let go of them) and read back when needed: the loop's memory is the UNet's.
+    `use()` brings them back for a while; `close()` deletes the files.
     """
 
-    def __init__(self, modules: list[torch.nn.Module], device: torch.device):
+    def __init__(self, modules: list[torch.nn.Module], device: torch.device, folder: Path):
         self.modules, self.device = modules, device
+        self.folder = None
+        if modules and device.type != "cuda":
+            self.folder = Path(tempfile.mkdtemp(prefix=".parked-", dir=folder))
+            # A run stopped by an error or a signal still leaves no files behind.
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)
 
     def park(self) -> None:
-        for module in self.modules:
-            module.to("cpu")
+        for i, module in enumerate(self.modules):
+            if self.folder is None:
+                module.to("cpu")
+                continue
+            path = self.folder / f"{i}.safetensors"
+            if not path.is_file():
+                save_file({k: t.contiguous() for k, t in _tensors(module).items()}, path)
+            torch.nn.Module.to(module, "meta")  # frees the weights
         if self.modules and self.device.type == "cuda":
             torch.cuda.empty_cache()
+        elif self.modules:
+            release_freed_memory()
 
     def unpark(self) -> None:
-        for module in self.modules:
-            module.to(self.device)
+        for i, module in enumerate(self.modules):
+            if self.folder is None:
+                module.to(self.device)
+            elif next(module.parameters()).is_meta:
+                torch.nn.Module.to_empty(module, device=self.device)
+                # One tensor at a time: never the module twice in memory.
+                with safe_open(self.folder / f"{i}.safetensors", "pt") as stored, torch.no_grad():
+                    for name, tensor in _tensors(module).items():
+                        tensor.copy_(stored.get_tensor(name))
 
     @contextmanager
     def use(self):
@@ -151,6 +181,42 @@ class Offload:
             yield
         finally:
             self.park()
+
+    def close(self) -> None:
+        """Bring every module back and delete the parked files."""
+        self.unpark()
+        if self.folder is not None:
+            self._cleanup()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the system. glibc keeps many freed blocks for reuse, so
+    the resident set would not shrink when parked weights are let go; elsewhere a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of `module` by name, non-persistent buffers included."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
+
+
+@contextmanager
+def training_autocast(accelerator: Accelerator, models: list[torch.nn.Module]):
+    """accelerate's autocast for a training forward pass.
+
+    Under bf16/fp16 the LoRA layers' inputs stay in the half dtype: peft would cast each one up
+    to the LoRA's float32 and autocast would cast it back down, which keeps a second copy of
+    every LoRA layer's input for the backward pass, for the same values.
+    """
+    half = accelerator.mixed_precision in HALF_DTYPES
+    with ExitStack() as stack:
+        stack.enter_context(accelerator.autocast())
+        for model in models:
+            stack.enter_context(disable_input_dtype_casting(model, active=half))
+        yield
 
 
 def take_batch(order, accelerator: Accelerator) -> list[int]:

@@ -72,6 +72,7 @@ from sdlora.runtime import (
     out_of_memory_advice,
     ranks_agree,
     take_batch,
+    training_autocast,
 )
 
 
@@ -239,10 +240,10 @@ def train(
         set_adapters(base, True)
         say(f"  prior preservation: {len(prior.captions)} images drawn by the base")
 
-    # On a GPU, frozen modules whose every output is cached wait in host memory (on the CPU
-    # there is nowhere else for them, and captions are encoded as they come).
+    # Frozen modules whose every output is cached wait elsewhere during the loop: in host
+    # memory on a GPU, on disk on the CPU (in the run folder, which only the main process has).
     parked = []
-    if device.type == "cuda":
+    if device.type == "cuda" or main:
         if c_data.cache_latents and c_data.crop == "center":
             parked.append(base.vae)
         if not train_te and not c_data.shuffle_tags and not c_data.tag_dropout:
@@ -250,7 +251,7 @@ def train(
             for i in range(0, len(captions), 16):
                 text_for(captions[i : i + 16])
             parked += list(base.text_encoders.values())
-    offload = Offload(parked, device)
+    offload = Offload(parked, device, run_dir)
     offload.park()
 
     # Optimizer, learning-rate schedule, random streams; a resumed run restores all of them.
@@ -307,6 +308,7 @@ def train(
     bar = tqdm(
         total=steps, initial=start, desc="train", unit="step", disable=not (progress and main)
     )
+    lora_models = [base.unet, *(base.text_encoders.values() if train_te else ())]
     base.unet.train()
     for encoder in base.text_encoders.values():
         encoder.train(train_te)
@@ -324,7 +326,7 @@ def train(
                 timesteps = torch.randint(
                     0, base.scheduler.config.num_train_timesteps, (len(idx),), generator=rngs.noise
                 )
-                with accelerator.autocast(), out_of_memory_advice(step):
+                with training_autocast(accelerator, lora_models), out_of_memory_advice(step):
                     loss = diffusion_loss(
                         base.unet,
                         base.scheduler,
@@ -394,7 +396,7 @@ def train(
                 with offload.use():
                     samples.append(sample(base, config, run_dir, step=step, device=device))
     bar.close()
-    wall = time.time() - started
+    wall, peak_mb = time.time() - started, peak.megabytes()  # the loop's, before the last samples
     agree = ranks_agree(flat_params, accelerator)
 
     # The LoRA file first, then the last samples and the report (main process only).
@@ -415,7 +417,7 @@ def train(
             training=training_metadata(config, scan, started, train_te, steps),
         )
         export.save_kohya(lora_path, lora, base.family, metadata, dtype=c_out.dtype)
-        offload.unpark()  # the rest of the run only samples
+        offload.close()  # the rest of the run only samples
         samples.append(sample(base, config, run_dir, step=steps, device=device))
         save_loss_curve(losses, run_dir / "loss.png")
 
@@ -444,7 +446,7 @@ def train(
                 done * c_train.batch_size * c_train.grad_accum * accelerator.num_processes / wall,
                 3,
             ),
-            "peak_memory_mb": peak.megabytes(),
+            "peak_memory_mb": peak_mb,
             "processes": accelerator.num_processes,
             "ranks_agree": agree,
             "final_loss": losses[-1],

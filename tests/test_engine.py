@@ -20,7 +20,7 @@ from sdlora.checkpoint import MARKER, complete_checkpoints
 from sdlora.errors import SdloraError
 from sdlora.guard import IncompatibleLora
 from sdlora.models import load_base
-from sdlora.runtime import PeakMemory, check_parallelism
+from sdlora.runtime import Offload, PeakMemory, check_parallelism
 from sdlora.train import diffusion_loss, encode_text, fixed_captions, scan_dataset
 
 # Augmentations and a schedule with state, so resuming must restore every random stream.
@@ -103,6 +103,7 @@ def test_sigint_finishes_the_step_saves_and_prints_the_resume_command(style_dir,
     step = int(checkpoint.name.split("_")[1])
     assert step == (out / "log.jsonl").read_text().count("\n")
     assert not (out / "style.safetensors").exists()
+    assert not list(out.glob(".parked-*"))  # the parked VAE's file went with the process
     # The printed command works: the run goes on from that step.
     result = train(
         load_config(out / "config.toml", ["train.resume=latest", f"train.steps={step + 1}"]),
@@ -267,3 +268,106 @@ def test_sharded_setups_are_refused_and_plain_ones_pass(kind):
         check_parallelism(Launched())
     Launched.distributed_type = DistributedType.MULTI_GPU
     check_parallelism(Launched())
+
+
+def test_parked_modules_leave_memory_and_come_back_unchanged(tmp_path):
+    base = load_base("tiny:sd1")
+    modules = [base.vae, base.text_encoder]
+    before = [{**dict(m.named_parameters()), **dict(m.named_buffers())} for m in modules]
+    before = [{k: t.clone() for k, t in d.items()} for d in before]
+    text, _ = encode_text(base, ["zkstripes, a circle"], "cpu")
+
+    offload = Offload(modules, torch.device("cpu"), tmp_path)
+    offload.park()
+    assert all(p.is_meta for m in modules for p in m.parameters())
+    (folder,) = tmp_path.glob(".parked-*")
+    files = {f: f.stat().st_mtime_ns for f in folder.iterdir()}
+    assert len(files) == 2
+    with offload.use():  # back for a while: every tensor as it was, buffers included
+        for m, saved in zip(modules, before, strict=True):
+            now = {**dict(m.named_parameters()), **dict(m.named_buffers())}
+            assert now.keys() == saved.keys()
+            assert all(torch.equal(now[k], saved[k]) for k in saved)
+        assert torch.equal(encode_text(base, ["zkstripes, a circle"], "cpu")[0], text)
+    assert all(p.is_meta for m in modules for p in m.parameters())
+    assert {f: f.stat().st_mtime_ns for f in folder.iterdir()} == files  # written once
+    offload.close()
+    assert not folder.exists() and not any(p.is_meta for m in modules for p in m.parameters())
+
+
+def test_a_run_parks_the_vae_and_text_encoder_and_cleans_up(style_dir, tmp_path, monkeypatch):
+    parked = []
+    park = Offload.park
+
+    def watched(self):
+        park(self)
+        parked.append([type(m).__name__ for m in self.modules if next(m.parameters()).is_meta])
+
+    monkeypatch.setattr(Offload, "park", watched)
+    out = tmp_path / "run"
+    overrides = tiny_overrides(style_dir, out, 2) + ["lora.text_encoder=false"]
+    result = train(load_config(None, overrides), progress=False)
+    # Parked before the loop and again after the first samples; back for the end.
+    assert parked == [["AutoencoderKL", "CLIPTextModel"]] * 2
+    assert not list(out.glob(".parked-*"))
+    for module in (result.base.vae, result.base.text_encoder):
+        assert not any(p.is_meta for p in module.parameters())
+    assert (out / "samples" / "step_000002.png").is_file() and result.learning is not None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
+def test_run_json_peak_memory_is_the_loops_not_the_last_samples(style_dir, tmp_path, monkeypatch):
+    train_module = sys.modules["sdlora.train"]
+    real_sample, held = train_module.sample, []
+
+    def heavy_last_sample(base, config, run_dir, step, device):
+        if step == config.train.steps:
+            held.append(np.ones(400 * 2**20 // 8))  # 400 MB, touched, kept to the end
+        return real_sample(base, config, run_dir, step, device)
+
+    monkeypatch.setattr(train_module, "sample", heavy_last_sample)
+    out = tmp_path / "run"
+    train(load_config(None, tiny_overrides(style_dir, out, 2)), progress=False)
+    status = open("/proc/self/status").read()
+    whole = int(status.split("VmHWM:")[1].split()[0]) / 1024
+    assert held and json.loads((out / "run.json").read_text())["peak_memory_mb"] < whole - 300
+
+
+def test_bf16_training_forward_keeps_lora_inputs_in_bf16_with_the_same_gradients():
+    from diffusers.training_utils import cast_training_params
+
+    from sdlora.lora import UNET_ATTENTION, inject_lora
+    from sdlora.runtime import cast_frozen, make_accelerator, training_autocast
+
+    base = load_base("tiny:sd1")
+    cast_frozen(base, "bf16")
+    inject_lora(base.unet, 4, 4, UNET_ATTENTION)
+    cast_training_params(base.unet, torch.float32)
+    for p in base.unet.parameters():  # non-zero up matrices, so every LoRA weight gets a gradient
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
+    accelerator = make_accelerator("bf16", cpu=True)
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        text, _ = encode_text(base, ["zkstripes", "a circle"], "cpu")
+    timesteps = torch.tensor([10, 900])
+
+    def step(autocast):
+        saved = []
+
+        def pack(t):
+            saved.append(t.untyped_storage())
+            return t
+
+        with autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = diffusion_loss(base.unet, base.scheduler, latents, text, noise, timesteps)
+        loss.backward()
+        grads = [p.grad.clone() for p in base.unet.parameters() if p.requires_grad]
+        base.unet.zero_grad(set_to_none=True)
+        return grads, sum({s.data_ptr(): s.nbytes() for s in saved}.values())
+
+    plain, plain_bytes = step(accelerator.autocast())
+    ours, our_bytes = step(training_autocast(accelerator, [base.unet]))
+    assert all(torch.equal(a, b) for a, b in zip(plain, ours, strict=True))
+    assert our_bytes < plain_bytes

@@ -290,7 +290,8 @@ def _print_result(result) -> None:
     if not result.is_main:
         return
     print(f"LoRA:    {result.lora_path}")
-    print(f"samples: {result.run_dir / 'samples'}")
+    if result.samples:
+        print(f"samples: {result.run_dir / 'samples'}")
     print(f"logs:    {result.run_dir / 'log.jsonl'} (TensorBoard: {result.run_dir / 'logs'})")
     if result.learning is not None:
         print(f"report:  {result.run_dir / 'learning_report.json'}")

@@ -244,7 +244,7 @@ class OutputConfig:
 @dataclass(frozen=True)
 class SampleConfig:
     prompts: tuple[str, ...] = ("{trigger}",)
-    """Prompts for sample grids; `{trigger}` is replaced by the trigger word."""
+    """Prompts for sample grids; `{trigger}` is replaced by the trigger word. [] draws none."""
     every: int = 0
     """Sample every N steps as well as at the start and the end (0: start and end only)."""
     steps: int = 20

@@ -295,7 +295,8 @@ def train(
 
     # Sampling, logs, the loop.
     samples = []
-    if main and not start:
+    sampling = main and bool(config.sample.prompts)  # no prompts: no sample grids
+    if sampling and not start:
         with offload.use():
             samples.append(sample(base, config, run_dir, step=0, device=device))
     writer = _tensorboard(run_dir / "logs") if main else None
@@ -392,7 +393,12 @@ def train(
                     f"Resume with: sdlora train {run_dir / 'config.toml'} train.resume=latest",
                     stop.signum,
                 )
-            if main and config.sample.every and step % config.sample.every == 0 and step < steps:
+            if (
+                sampling
+                and config.sample.every
+                and step % config.sample.every == 0
+                and step < steps
+            ):
                 with offload.use():
                     samples.append(sample(base, config, run_dir, step=step, device=device))
     bar.close()
@@ -418,7 +424,8 @@ def train(
         )
         export.save_kohya(lora_path, lora, base.family, metadata, dtype=c_out.dtype)
         offload.close()  # the rest of the run only samples
-        samples.append(sample(base, config, run_dir, step=steps, device=device))
+        if sampling:
+            samples.append(sample(base, config, run_dir, step=steps, device=device))
         save_loss_curve(losses, run_dir / "loss.png")
 
         # Did it learn the style, and only behind the trigger? (learning_report.json, ab_grid.png)

@@ -371,3 +371,12 @@ def test_bf16_training_forward_keeps_lora_inputs_in_bf16_with_the_same_gradients
     ours, our_bytes = step(training_autocast(accelerator, [base.unet]))
     assert all(torch.equal(a, b) for a, b in zip(plain, ours, strict=True))
     assert our_bytes < plain_bytes
+
+
+def test_no_sample_prompts_draw_no_sample_grids(style_dir, tmp_path):
+    out = tmp_path / "run"
+    overrides = ["sample.prompts=[]", "sample.every=1", "sample.report_images=0"]
+    result = train(load_config(None, tiny_overrides(style_dir, out, 2) + overrides),
+                   progress=False)  # fmt: skip
+    assert result.samples == [] and not (out / "samples").exists()
+    assert result.lora_path.is_file() and (out / "loss.png").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     from sdlora.checkpoint import Interrupted
 
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that has gone is noticed here, not at exit
+        return code
     except Interrupted as e:
         print(f"sdlora: {e}", file=sys.stderr)
         return e.exit_code
@@ -134,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdlora: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `sdlora check DIR | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
 
 
 def cmd_train(args) -> int:
@@ -156,9 +162,9 @@ def cmd_demo(args) -> int:
 
 def cmd_generate(args) -> int:
     from sdlora.generate import (
-        SAMPLERS,
         Generator,
         LoraSpec,
+        check_sampler,
         grid_images,
         prompt_loras,
         save_images,
@@ -166,8 +172,7 @@ def cmd_generate(args) -> int:
     )
     from sdlora.images import save_grid
 
-    if args.sampler not in SAMPLERS:
-        raise SdloraError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_sampler(args.sampler)
     prompt, tagged = prompt_loras(args.prompt, args.lora_dir)
     loras = [LoraSpec.parse(text) for text in args.lora] + tagged
     generator = Generator.load(

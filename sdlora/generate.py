@@ -112,10 +112,15 @@ def with_triggers(prompt: str, loras: list[LoraSpec], mode: str = "warn") -> str
     return prompt
 
 
-def make_scheduler(name: str, base: Base):
-    """The diffusers scheduler for sampler `name`, with the base's schedule and prediction."""
+def check_sampler(name: str) -> None:
+    """Refuse an unknown sampler name (before a base is loaded for it)."""
     if name not in SAMPLERS:
         raise SdloraError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+
+
+def make_scheduler(name: str, base: Base):
+    """The diffusers scheduler for sampler `name`, with the base's schedule and prediction."""
+    check_sampler(name)
     cls, extra, _ = SAMPLERS[name]
     return cls.from_config({**base.scheduler.config, **extra})
 
@@ -270,8 +275,7 @@ def generate(
     missing trigger words first. LoRAs are fused into the weights (fixed scales, faster).
     `device`/`dtype`: see `placement` (by default a GPU in fp16 when there is one).
     """
-    if sampler not in SAMPLERS:
-        raise SdloraError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_sampler(sampler)
     prompt, tagged = prompt_loras(prompt, Path(lora_dir) if lora_dir else None)
     generator = Generator.load(base, [*loras, *tagged], fuse=fuse, device=device, dtype=dtype)
     prompt = with_triggers(prompt, generator.loras, trigger)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from sdlora.dataset import Scan, epoch_plan
@@ -55,11 +56,12 @@ def report(scan: Scan, steps: int = DEFAULT_STEPS, batch_size: int = 1) -> dict:
 def format_report(data: dict) -> str:
     """The report as aligned text lines, one per file, then the totals."""
     lines = [f"sdlora check {data['folder']} (resolution {data['resolution']})"]
-    width = max((len(f["file"]) for f in data["files"]), default=0)
+    width = max((display_width(f["file"]) for f in data["files"]), default=0)
     for f in data["files"]:
         parts = [f"{f['size'][0]}x{f['size'][1]} -> {f['bucket']}"] if "size" in f else []
         detail = "; ".join(parts + f["reasons"])
-        lines.append(f"  {f['status']:<8} {f['file']:<{width}}  {detail}")
+        padding = " " * (width - display_width(f["file"]))
+        lines.append(f"  {f['status']:<8} {f['file']}{padding}  {detail}")
     lines.append(
         f"{data['usable']} usable, {len(data['skipped'])} skipped, {len(data['warnings'])} warnings"
     )
@@ -76,6 +78,14 @@ def format_report(data: dict) -> str:
     else:
         lines.append("trainable: no usable image (see the reasons above)")
     return "\n".join(lines)
+
+
+def display_width(text: str) -> int:
+    """Terminal columns of `text`: wide (CJK) characters take two, combining marks none."""
+    return sum(
+        0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        for c in text
+    )
 
 
 def _name(path: Path, scan: Scan) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from conftest import tiny_overrides
@@ -15,6 +17,7 @@ from sdlora.cli import main
 from sdlora.config import load_config
 from sdlora.dataset import auto_repeats, load_pixels, scan_folder
 from sdlora.errors import SdloraError
+from sdlora.preflight import display_width
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +240,28 @@ def test_every_dataset_key_is_in_the_readme_table():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for f in dataclasses.fields(DatasetConfig):
         assert f"| `dataset.{f.name}` |" in readme, f.name
+
+
+def test_check_text_aligns_wide_file_names(tmp_path, capsys):
+    folder = tmp_path / "names"
+    folder.mkdir()
+    names = ("風景画.png", "cafe\u0301.png", "a.png")  # wide, a combining accent, plain
+    for name, colour in zip(names, ("red", "green", "blue"), strict=True):
+        Image.new("RGB", (64, 64), colour).save(folder / name)
+    assert main(["check", str(folder), "--resolution", "64"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "64x64 -> 64x64" in line]
+    assert len(rows) == 3
+    columns = {display_width(line.split("64x64 ->")[0]) for line in rows}
+    assert len(columns) == 1  # the size column starts at the same terminal column on every row
+
+
+def test_check_piped_into_a_reader_that_has_gone_prints_no_traceback(tmp_path):
+    read, write = os.pipe()
+    os.close(read)  # like `sdlora check DIR | head -1` once head has exited
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "a.png")
+    result = subprocess.run([sys.executable, "-m", "sdlora", "check", str(folder)],
+                            stdout=write, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    os.close(write)
+    assert result.returncode == 141 and result.stderr == ""

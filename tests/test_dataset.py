@@ -265,3 +265,23 @@ def test_check_piped_into_a_reader_that_has_gone_prints_no_traceback(tmp_path):
                             stdout=write, stderr=subprocess.PIPE, text=True)  # fmt: skip
     os.close(write)
     assert result.returncode == 141 and result.stderr == ""
+
+
+def test_a_folder_that_cannot_be_listed_is_reported_and_the_rest_used(tmp_path, monkeypatch):
+    folder = tmp_path / "set"
+    (folder / "locked").mkdir(parents=True)
+    for i, colour in enumerate(("red", "green", "blue")):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{i}.png")
+    Image.new("RGB", (64, 64), "white").save(folder / "locked" / "hidden.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission does (tests run as root)
+        if os.fspath(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    scan = scan_folder(folder, "zk", resolution=64)
+    assert sorted(e.path.name for e in scan.examples) == ["0.png", "1.png", "2.png"]
+    (problem,) = [p for p in scan.skipped if p.path.name == "locked"]
+    assert problem.reason == "unreadable folder: Permission denied"

@@ -234,6 +234,9 @@ class OutputConfig:
     """Precision of the saved LoRA: fp16 (what sd-scripts writes), bf16 or fp32."""
     overwrite: bool = False
     """Allow replacing a LoRA of the same name already in `dir`."""
+    step_loras: bool = True
+    """At each checkpoint (`train.save_every`) also write `<name>-stepNNNNNN.safetensors`, the
+    LoRA as it is at that step, loadable like the final one."""
 
     def __post_init__(self):
         if not self.name or "/" in self.name or "\\" in self.name:

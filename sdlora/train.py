@@ -306,6 +306,22 @@ def train(
     losses = [json.loads(line)["loss"] for line in _read_lines(log_path)] if main else []
     peak = PeakMemory(device)
     started = time.time()
+
+    def write_lora(path: Path, at_step: int) -> None:
+        """The LoRA as trained up to `at_step`, in the file sd-scripts writes."""
+        metadata = export.build_metadata(
+            family=base.family,
+            title=c_out.name,
+            rank=c_lora.rank,
+            alpha=c_lora.alpha,
+            trigger_words=[c_data.trigger],
+            resolution=c_data.resolution,
+            base_name=base.name,
+            tag_frequency=tag_frequency(scan),
+            training=training_metadata(config, scan, started, train_te, steps, at_step),
+        )
+        export.save_kohya(path, collect_lora(base), base.family, metadata, dtype=c_out.dtype)
+
     bar = tqdm(
         total=steps, initial=start, desc="train", unit="step", disable=not (progress and main)
     )
@@ -386,6 +402,8 @@ def train(
                     "family": base.family,
                 }
                 saved = save_checkpoint(run_dir, step, flat_params, state, c_train.keep_last)
+                if c_out.step_loras:
+                    write_lora(run_dir / f"{c_out.name}-step{step:06d}.safetensors", step)
             if stop.signum is not None:
                 accelerator.wait_for_everyone()
                 raise Interrupted(
@@ -410,19 +428,7 @@ def train(
     learning = None
     if main:
         writer.close()
-        lora = collect_lora(base)
-        metadata = export.build_metadata(
-            family=base.family,
-            title=c_out.name,
-            rank=c_lora.rank,
-            alpha=c_lora.alpha,
-            trigger_words=[c_data.trigger],
-            resolution=c_data.resolution,
-            base_name=base.name,
-            tag_frequency=tag_frequency(scan),
-            training=training_metadata(config, scan, started, train_te, steps),
-        )
-        export.save_kohya(lora_path, lora, base.family, metadata, dtype=c_out.dtype)
+        write_lora(lora_path, steps)
         offload.close()  # the rest of the run only samples
         if sampling:
             samples.append(sample(base, config, run_dir, step=steps, device=device))
@@ -601,18 +607,19 @@ def sample(base: Base, config: Config, run_dir: Path, step: int, device) -> Path
 
 
 def training_metadata(
-    config: Config, scan: Scan, started: float, train_te: bool, steps: int
+    config: Config, scan: Scan, started: float, train_te: bool, steps: int, at_step: int
 ) -> dict:
-    """The training-run `ss_*` fields (without prefix), all strings."""
+    """The training-run `ss_*` fields (without prefix), all strings, for the LoRA as it is
+    after `at_step` of `steps`."""
     t = config.train
     te_lr = (t.text_encoder_lr if t.text_encoder_lr is not None else t.lr) if train_te else 0.0
     return {
         "learning_rate": str(t.lr),
         "unet_lr": str(t.lr),
         "text_encoder_lr": str(te_lr),
-        "steps": str(steps),
+        "steps": str(at_step),
         "max_train_steps": str(steps),
-        "epoch": str(-(-steps // steps_per_epoch(scan, t.batch_size, t.grad_accum))),
+        "epoch": str(-(-at_step // steps_per_epoch(scan, t.batch_size, t.grad_accum))),
         "optimizer": OPTIMIZER_NAMES[t.optimizer],
         "lr_scheduler": t.lr_scheduler,
         "lr_warmup_steps": str(t.warmup_steps),

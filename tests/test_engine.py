@@ -380,3 +380,27 @@ def test_no_sample_prompts_draw_no_sample_grids(style_dir, tmp_path):
                    progress=False)  # fmt: skip
     assert result.samples == [] and not (out / "samples").exists()
     assert result.lora_path.is_file() and (out / "loss.png").is_file()
+
+
+def test_each_checkpoint_leaves_a_loadable_lora_of_its_step(style_dir, tmp_path):
+    from safetensors import safe_open
+
+    from sdlora.lorafile import read_lora
+
+    out = tmp_path / "run"
+    train(_config(style_dir, out, 4, "train.save_every=2", "train.keep_last=1"), progress=False)
+    files = sorted(p.name for p in out.glob("style*.safetensors"))
+    assert files == ["style-step000002.safetensors", "style-step000004.safetensors",
+                     "style.safetensors"]  # fmt: skip
+    final, last, first = (load_file(out / name) for name in reversed(files))
+    assert final.keys() == last.keys() == first.keys()
+    assert all(torch.equal(final[k], last[k]) for k in final)
+    assert not all(torch.equal(final[k], first[k]) for k in final)
+    with safe_open(out / files[0], "pt") as f:
+        assert f.metadata()["ss_steps"] == "2" and f.metadata()["ss_max_train_steps"] == "4"
+    assert read_lora(out / files[0]).family == "sd1"
+
+    quiet = tmp_path / "quiet"
+    train(_config(style_dir, quiet, 2, "train.save_every=1", "output.step_loras=false"),
+          progress=False)  # fmt: skip
+    assert [p.name for p in quiet.glob("*.safetensors")] == ["style.safetensors"]

@@ -19,6 +19,7 @@ from sdlora.captions import caption_with_trigger, template_caption
 from sdlora.dataset import Problem, find_sidecar, walk_images
 from sdlora.decode import ImageProblem, open_rgb
 from sdlora.errors import SdloraError
+from sdlora.export import write_atomic
 
 CAPTIONERS = ("blip",)
 BLIP_EXAMPLE = "Salesforce/blip-image-captioning-base"
@@ -54,7 +55,7 @@ def write_captions(
     if template is None:
         template = "{trigger}, {caption}" if captioner else "{trigger}"
     run = CaptionRun()
-    files, listings = walk_images(root)
+    files, listings = walk_images(root, run.skipped)  # folders that cannot be listed
     stems = Counter((p.parent, p.stem.lower()) for p, _ in files)
     for path, _ in files:
         existing = find_sidecar(path, listings[path.parent], caption_ext)
@@ -74,7 +75,12 @@ def write_captions(
             raise SdloraError(f"--template: {e}") from None
         shared = stems[(path.parent, path.stem.lower())] > 1
         target = existing or path.with_name((path.name if shared else path.stem) + caption_ext)
-        target.write_text(caption_with_trigger(text, trigger) + "\n", encoding="utf-8")
+        caption = caption_with_trigger(text, trigger) + "\n"
+        try:
+            write_atomic(target, caption.encode("utf-8"))
+        except OSError as e:  # e.g. a read-only folder
+            run.skipped.append(Problem(path, f"cannot write {target.name}: {e.strerror or e}"))
+            continue
         listings[path.parent][target.name.lower()] = target.name
         run.written.append(target)
     return run

@@ -139,3 +139,22 @@ def test_blip_captioner_writes_trigger_first(images, tmp_path, capsys):
     assert texts["two.txt"] == "my own caption"
     for name in ("one.txt", "a.jpg.txt", "a.png.txt"):
         assert texts[name].startswith("zk, ") and len(texts[name]) > len("zk, \n")
+
+
+def test_a_caption_that_cannot_be_written_is_reported_and_the_rest_written(
+    images, capsys, monkeypatch
+):
+    import sdlora.autocaption as autocaption
+
+    real_write = autocaption.write_atomic
+
+    def write(path, data):  # what a read-only file system does (tests run as root)
+        if path.name == "one.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_write(path, data)
+
+    monkeypatch.setattr(autocaption, "write_atomic", write)
+    assert main(["caption", str(images), "--trigger", "zk"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot write one.txt: Permission denied" in out and "2 caption(s) written" in out
+    assert "one.txt" not in _texts(images) and "a.png.txt" in _texts(images)

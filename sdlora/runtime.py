@@ -145,6 +145,8 @@ class Offload:
         self.modules, self.device = modules, device
         self.folder = None
         if modules and device.type != "cuda":
+            for stale in folder.glob(".parked-*"):  # left by a run that was killed
+                shutil.rmtree(stale, ignore_errors=True)
             self.folder = Path(tempfile.mkdtemp(prefix=".parked-", dir=folder))
             # A run stopped by an error or a signal still leaves no files behind.
             self._cleanup = weakref.finalize(self, shutil.rmtree, self.folder, True)

@@ -305,6 +305,8 @@ def test_a_run_parks_the_vae_and_text_encoder_and_cleans_up(style_dir, tmp_path,
 
     monkeypatch.setattr(Offload, "park", watched)
     out = tmp_path / "run"
+    (out / ".parked-killed").mkdir(parents=True)  # what a killed run leaves behind
+    (out / ".parked-killed" / "0.safetensors").write_bytes(b"x" * 1000)
     overrides = tiny_overrides(style_dir, out, 2) + ["lora.text_encoder=false"]
     result = train(load_config(None, overrides), progress=False)
     # Parked before the loop and again after the first samples; back for the end.

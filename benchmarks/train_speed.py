@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model rows only")
     parser.add_argument("--peak-tflops", type=float, help="accelerator peak for MFU")
     parser.add_argument("--compare-only", action="store_true", help="only sdlora vs diffusers")
+    parser.add_argument("--cuda-only", action="store_true", help="only the CUDA rows")
     parser.add_argument("--compare-steps", type=int, default=32, help="steps of each comparison")
     args = parser.parse_args()
     import torch
@@ -184,7 +185,11 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         plan = [] if args.compare_only else rows(args.quick, cuda)
-        if not args.quick:
+        if args.cuda_only:
+            if not cuda:
+                raise SystemExit("--cuda-only: no CUDA device here")
+            plan = [row for row in plan if row.get("flops")]
+        elif not args.quick:
             plan += comparison_rows(cuda, args.compare_steps)
         for row in plan:
             result = run_one(row, Path(tmp))

@@ -181,32 +181,10 @@ def train(
     say(f"  buckets: {', '.join(f'{b} ({n})' for b, n in scan.bucket_counts().items())}")
 
     # The frozen base, with LoRA layers on its attention.
-    base = load_base(
-        config.model.base,
-        config.model.family,
-        seed=c_train.seed,
-        config_dir=config.model.config_dir,
-        allow_pickle=config.model.allow_pickle,
-    )
-    weight_dtype = cast_frozen(base, c_train.mixed_precision)
-    torch.manual_seed(c_train.seed)
-    inject_lora(base.unet, c_lora.rank, c_lora.alpha, UNET_TARGET_PRESETS[c_lora.unet_targets])
     train_te = c_lora.text_encoder and (
         c_train.text_encoder_lr is None or c_train.text_encoder_lr > 0
     )
-    for encoder in base.text_encoders.values():
-        if train_te:
-            inject_lora(encoder, c_lora.rank, c_lora.alpha, TEXT_ENCODER_ATTENTION)
-        else:
-            encoder.requires_grad_(False)
-    base.vae.requires_grad_(False)
-    cast_training_params([base.unet, *base.text_encoders.values()], dtype=torch.float32)
-    if c_lora.init_from:
-        start_from_lora(base, Path(c_lora.init_from), c_lora.alpha)
-    for module in (base.unet, base.vae, *base.text_encoders.values()):
-        module.to(device)
-    check_resolution(base, c_data.resolution)
-    configure_memory(base, c_train, device)
+    base, weight_dtype = base_with_lora(config, train_te, device)
 
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -224,34 +202,14 @@ def train(
     text_for = TextCache(lambda captions: encode_text(base, captions, device), not train_te)
 
     # Prior preservation: the base's own images for the captions without the trigger.
-    prior = None
-    if c_train.prior_images:
-        set_adapters(base, False)
-        prior = generate_prior(
-            base,
-            [e.caption for e in scan.examples],
-            c_data.trigger,
-            c_train.prior_images,
-            seed=c_train.seed,
-            steps=config.sample.steps,
-            cfg=config.sample.cfg,
-            size=c_data.resolution,
-        )
-        set_adapters(base, True)
+    prior = draw_prior(base, config, scan) if c_train.prior_images else None
+    if prior is not None:
         say(f"  prior preservation: {len(prior.captions)} images drawn by the base")
 
     # Frozen modules whose every output is cached wait elsewhere during the loop: in host
     # memory on a GPU, on disk on the CPU (in the run folder, which only the main process has).
-    parked = []
-    if device.type == "cuda" or main:
-        if c_data.cache_latents and c_data.crop == "center":
-            parked.append(base.vae)
-        if not train_te and not c_data.shuffle_tags and not c_data.tag_dropout:
-            captions = fixed_captions(scan, c_data, prior)
-            for i in range(0, len(captions), 16):
-                text_for(captions[i : i + 16])
-            parked += list(base.text_encoders.values())
-    offload = Offload(parked, device, run_dir)
+    parked = cached_out(base, scan, c_data, train_te, prior, text_for)
+    offload = Offload(parked if device.type == "cuda" or main else [], device, run_dir)
     offload.park()
 
     # Optimizer, learning-rate schedule, random streams; a resumed run restores all of them.
@@ -260,11 +218,7 @@ def train(
         for name, model in {"unet": base.unet, **base.text_encoders}.items()
         if name == "unet" or train_te
     }
-    groups = [{"params": list(params["unet"].values()), "lr": c_train.lr}]
-    if train_te:
-        te_lr = c_train.text_encoder_lr if c_train.text_encoder_lr is not None else c_train.lr
-        te_params = [p for name, ps in params.items() if name != "unet" for p in ps.values()]
-        groups.append({"params": te_params, "lr": te_lr})
+    groups = param_groups(params, c_train)
     optimizer = make_optimizer(c_train.optimizer, groups, c_train.weight_decay)
     lr_schedule = get_scheduler(
         c_train.lr_scheduler,
@@ -368,27 +322,15 @@ def train(
                 )
 
             # One optimizer step on gradients averaged over processes.
-            scaler.unscale_(optimizer)
-            if accelerator.num_processes > 1:
-                for p in trainable:
-                    p.grad = accelerator.reduce(p.grad, reduction="mean")
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                trainable, c_train.max_grad_norm if c_train.max_grad_norm > 0 else float("inf")
-            ).item()
-            scaler.step(optimizer)
-            scaler.update()
-            lr_schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = apply_gradients(
+                optimizer, scaler, lr_schedule, trainable, accelerator, c_train.max_grad_norm
+            )
 
             step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "mean").item()
             losses.append(step_loss)
             lr = lr_schedule.get_last_lr()[0]
             if main and (step % c_train.log_every == 0 or step == steps):
-                with log_path.open("a", encoding="utf-8") as log:
-                    log.write(json.dumps({"step": step, "loss": step_loss, "lr": lr}) + "\n")
-                writer.add_scalar("train/loss", step_loss, step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/grad_norm", grad_norm, step)
+                log_step(log_path, writer, step, step_loss, lr, grad_norm)
             bar.set_postfix(loss=f"{step_loss:.4f}")
             bar.update(1)
             should_save = c_train.save_every and step % c_train.save_every == 0
@@ -450,27 +392,133 @@ def train(
                 size=c_data.resolution,
             )
             say(summary(learning))
-        done = steps - start
+        per_step = c_train.batch_size * c_train.grad_accum * accelerator.num_processes
         report = {
             "steps": steps,
             "resumed_at": start,
             "wall_time_s": round(wall, 3),
-            "samples_per_s": round(
-                done * c_train.batch_size * c_train.grad_accum * accelerator.num_processes / wall,
-                3,
-            ),
+            "samples_per_s": round((steps - start) * per_step / wall, 3),
             "peak_memory_mb": peak_mb,
             "processes": accelerator.num_processes,
             "ranks_agree": agree,
             "final_loss": losses[-1],
             "lora": str(lora_path),
-            "images": len(scan.examples),
-            "skipped": [{"file": str(p.path), "reason": p.reason} for p in scan.skipped],
-            "warnings": [{"file": str(p.path), "reason": p.reason} for p in scan.warnings],
+            **scan_summary(scan),
         }
         (run_dir / "run.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, lora_path, base, samples, losses, scan.skipped, learning, main)
+
+
+def draw_prior(base: Base, config: Config, scan: Scan) -> PriorSet:
+    """`train.prior_images` images drawn by the base itself (adapters off) for the training
+    captions without the trigger."""
+    set_adapters(base, False)
+    prior = generate_prior(
+        base,
+        [e.caption for e in scan.examples],
+        config.dataset.trigger,
+        config.train.prior_images,
+        seed=config.train.seed,
+        steps=config.sample.steps,
+        cfg=config.sample.cfg,
+        size=config.dataset.resolution,
+    )
+    set_adapters(base, True)
+    return prior
+
+
+def cached_out(
+    base: Base, scan: Scan, c_data: DatasetConfig, train_te: bool, prior, text_for: TextCache
+) -> list[torch.nn.Module]:
+    """The frozen modules the loop will not call: the VAE when every latent is cached (centre
+    crops), the frozen text encoders when every caption the loop can draw (no tag shuffling
+    or dropout) is cached, which is done here."""
+    modules = []
+    if c_data.cache_latents and c_data.crop == "center":
+        modules.append(base.vae)
+    if not train_te and not c_data.shuffle_tags and not c_data.tag_dropout:
+        captions = fixed_captions(scan, c_data, prior)
+        for i in range(0, len(captions), 16):
+            text_for(captions[i : i + 16])
+        modules += list(base.text_encoders.values())
+    return modules
+
+
+def param_groups(params: dict[str, dict[str, torch.Tensor]], c_train) -> list[dict]:
+    """Optimizer groups: the UNet's LoRA at `train.lr`, the text encoders' (when trained) at
+    `train.text_encoder_lr` (default `train.lr`)."""
+    groups = [{"params": list(params["unet"].values()), "lr": c_train.lr}]
+    te_params = [p for name, ps in params.items() if name != "unet" for p in ps.values()]
+    if te_params:
+        te_lr = c_train.text_encoder_lr if c_train.text_encoder_lr is not None else c_train.lr
+        groups.append({"params": te_params, "lr": te_lr})
+    return groups
+
+
+def log_step(log_path: Path, writer, step: int, loss: float, lr: float, grad_norm: float):
+    """One line of log.jsonl and the step's TensorBoard scalars."""
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+    writer.add_scalar("train/loss", loss, step)
+    writer.add_scalar("train/lr", lr, step)
+    writer.add_scalar("train/grad_norm", grad_norm, step)
+
+
+def base_with_lora(config: Config, train_te: bool, device) -> tuple[Base, torch.dtype]:
+    """The frozen base on `device`, its weights in the mixed-precision dtype, with float32 LoRA
+    layers on the UNet's targets (and the text encoders' attention when `train_te`).
+    Returns it and the dtype of its frozen weights."""
+    c_lora, c_train = config.lora, config.train
+    base = load_base(
+        config.model.base,
+        config.model.family,
+        seed=c_train.seed,
+        config_dir=config.model.config_dir,
+        allow_pickle=config.model.allow_pickle,
+    )
+    weight_dtype = cast_frozen(base, c_train.mixed_precision)
+    torch.manual_seed(c_train.seed)  # the LoRA's initial down matrices
+    inject_lora(base.unet, c_lora.rank, c_lora.alpha, UNET_TARGET_PRESETS[c_lora.unet_targets])
+    for encoder in base.text_encoders.values():
+        if train_te:
+            inject_lora(encoder, c_lora.rank, c_lora.alpha, TEXT_ENCODER_ATTENTION)
+        else:
+            encoder.requires_grad_(False)
+    base.vae.requires_grad_(False)
+    cast_training_params([base.unet, *base.text_encoders.values()], dtype=torch.float32)
+    if c_lora.init_from:
+        start_from_lora(base, Path(c_lora.init_from), c_lora.alpha)
+    for module in (base.unet, base.vae, *base.text_encoders.values()):
+        module.to(device)
+    check_resolution(base, config.dataset.resolution)
+    configure_memory(base, c_train, device)
+    return base, weight_dtype
+
+
+def apply_gradients(optimizer, scaler, lr_schedule, trainable, accelerator, max_grad_norm) -> float:
+    """One optimizer step on the gradients averaged over processes, clipped to
+    `max_grad_norm` (0: not clipped); returns their norm before clipping."""
+    scaler.unscale_(optimizer)
+    if accelerator.num_processes > 1:
+        for p in trainable:
+            p.grad = accelerator.reduce(p.grad, reduction="mean")
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, limit).item()
+    scaler.step(optimizer)
+    scaler.update()
+    lr_schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+def scan_summary(scan: Scan) -> dict:
+    """The dataset part of run.json: images used, and the files skipped or warned about."""
+    return {
+        "images": len(scan.examples),
+        "skipped": [{"file": str(p.path), "reason": p.reason} for p in scan.skipped],
+        "warnings": [{"file": str(p.path), "reason": p.reason} for p in scan.warnings],
+    }
 
 
 def vae_scale(base: Base) -> int:

@@ -223,6 +223,11 @@ class TrainConfig:
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         _check_choice("train.device", self.device, DEVICES)
 
+    @property
+    def te_lr(self) -> float:
+        """The text-encoder LoRA's learning rate: `text_encoder_lr`, or `lr` when unset."""
+        return self.text_encoder_lr if self.text_encoder_lr is not None else self.lr
+
 
 @dataclass(frozen=True)
 class OutputConfig:

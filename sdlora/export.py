@@ -25,7 +25,8 @@ from sdlora.lora import Lora, most_common
 from sdlora.lorafile import sha256_after_header
 from sdlora.naming import kohya_name
 
-SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# Precision names sdlora takes (output.dtype, generate --dtype) and their torch dtypes.
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MAX_TAGS_PER_DIR = 500
 MAX_TAG_CHARS = 200
 MODELSPEC_VERSION = "1.0.1"
@@ -35,7 +36,7 @@ FORMATS = ("kohya", "diffusers")
 
 def to_kohya_state_dict(lora: Lora, family: str, dtype: str = "fp16") -> dict[str, torch.Tensor]:
     """The tensors of a kohya file for `lora` in `dtype` (fp16, bf16 or fp32)."""
-    torch_dtype = SAVE_DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     tensors = {}
     for component, path, module in lora.modules():
         name = kohya_name(component, path, family)
@@ -156,7 +157,7 @@ def to_diffusers_state_dict(
     diffusers files carry no alpha tensor: each component's rank and alpha go into the
     `lora_adapter_metadata` JSON as a peft LoraConfig, with per-module patterns where they differ.
     """
-    torch_dtype = SAVE_DTYPES[dtype]
+    torch_dtype = DTYPES[dtype]
     tensors = {}
     configs: dict[str, object] = {}
     for component in sorted(lora.components):

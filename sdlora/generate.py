@@ -24,6 +24,7 @@ from diffusers import (
 from PIL import Image
 
 from sdlora.errors import SdloraError
+from sdlora.export import DTYPES
 from sdlora.guard import check_compatible, check_family
 from sdlora.images import save_png
 from sdlora.lora import Lora, add_lora
@@ -226,9 +227,6 @@ class Generator:
         return images
 
 
-INFERENCE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 def placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
     """Where and in what precision to generate: `auto` is CUDA in fp16 when there is a GPU,
     else the CPU in fp32. fp16 is refused on the CPU (slow, and not every kernel has it)."""
@@ -241,11 +239,11 @@ def placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, 
         raise SdloraError("device cuda was asked for but no CUDA device is available; use cpu")
     if dtype == "auto":
         dtype = "fp16" if device == "cuda" else "fp32"
-    if dtype not in INFERENCE_DTYPES:
-        raise SdloraError(f"unknown dtype {dtype!r}; choose auto, {', '.join(INFERENCE_DTYPES)}")
+    if dtype not in DTYPES:
+        raise SdloraError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
     if dtype == "fp16" and device == "cpu":
         raise SdloraError("fp16 generation needs a CUDA device; use bf16 or fp32 on the CPU")
-    return torch.device(device), INFERENCE_DTYPES[dtype]
+    return torch.device(device), DTYPES[dtype]
 
 
 def adapter_name(i: int) -> str:

@@ -160,9 +160,11 @@ class Offload:
             if not path.is_file():
                 save_file({k: t.contiguous() for k, t in _tensors(module).items()}, path)
             torch.nn.Module.to(module, "meta")  # frees the weights
-        if self.modules and self.device.type == "cuda":
+        if not self.modules:
+            return
+        if self.folder is None:
             torch.cuda.empty_cache()
-        elif self.modules:
+        else:
             release_freed_memory()
 
     def unpark(self) -> None:

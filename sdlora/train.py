@@ -181,9 +181,7 @@ def train(
     say(f"  buckets: {', '.join(f'{b} ({n})' for b, n in scan.bucket_counts().items())}")
 
     # The frozen base, with LoRA layers on its attention.
-    train_te = c_lora.text_encoder and (
-        c_train.text_encoder_lr is None or c_train.text_encoder_lr > 0
-    )
+    train_te = c_lora.text_encoder and c_train.te_lr > 0
     base, weight_dtype = base_with_lora(config, train_te, device)
 
     if main:
@@ -208,8 +206,10 @@ def train(
 
     # Frozen modules whose every output is cached wait elsewhere during the loop: in host
     # memory on a GPU, on disk on the CPU (in the run folder, which only the main process has).
-    parked = cached_out(base, scan, c_data, train_te, prior, text_for)
-    offload = Offload(parked if device.type == "cuda" or main else [], device, run_dir)
+    parked = []
+    if device.type == "cuda" or main:
+        parked = cached_out(base, scan, c_data, train_te, prior, text_for)
+    offload = Offload(parked, device, run_dir)
     offload.park()
 
     # Optimizer, learning-rate schedule, random streams; a resumed run restores all of them.
@@ -451,8 +451,7 @@ def param_groups(params: dict[str, dict[str, torch.Tensor]], c_train) -> list[di
     groups = [{"params": list(params["unet"].values()), "lr": c_train.lr}]
     te_params = [p for name, ps in params.items() if name != "unet" for p in ps.values()]
     if te_params:
-        te_lr = c_train.text_encoder_lr if c_train.text_encoder_lr is not None else c_train.lr
-        groups.append({"params": te_params, "lr": te_lr})
+        groups.append({"params": te_params, "lr": c_train.te_lr})
     return groups
 
 
@@ -660,7 +659,7 @@ def training_metadata(
     """The training-run `ss_*` fields (without prefix), all strings, for the LoRA as it is
     after `at_step` of `steps`."""
     t = config.train
-    te_lr = (t.text_encoder_lr if t.text_encoder_lr is not None else t.lr) if train_te else 0.0
+    te_lr = t.te_lr if train_te else 0.0
     return {
         "learning_rate": str(t.lr),
         "unet_lr": str(t.lr),

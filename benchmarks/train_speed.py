@@ -112,7 +112,7 @@ def step_flops(base_spec: str, resolution: int, batch: int, device: str) -> floa
 
     from sdlora.lora import UNET_ATTENTION, inject_lora
     from sdlora.models import load_base
-    from sdlora.train import _added_cond, diffusion_loss
+    from sdlora.step import added_cond, diffusion_loss
 
     base = load_base(base_spec)
     inject_lora(base.unet, 16, 16, UNET_ATTENTION)
@@ -123,7 +123,7 @@ def step_flops(base_spec: str, resolution: int, batch: int, device: str) -> floa
     text = torch.randn(batch, 77, width, device=device)
     pooled = torch.randn(batch, 1280, device=device) if base.family == "sdxl" else None
     geometry = [(resolution, resolution, 0, 0, resolution, resolution)] * batch
-    added = _added_cond(base, pooled, geometry, device) if pooled is not None else None
+    added = added_cond(base, pooled, geometry, device) if pooled is not None else None
     t = torch.randint(0, 1000, (batch,), device=device)
     with FlopCounterMode(display=False) as counter, torch.autocast(device, torch.bfloat16):
         loss = diffusion_loss(

@@ -63,6 +63,18 @@ class Rngs:
         self.augment.setstate((version, tuple(internal), state["augment_gauss"]))
 
 
+def training_state(optimizer, lr_schedule, scaler, rngs: Rngs, family: str) -> dict:
+    """What a checkpoint holds besides the LoRA weights: enough to continue bit for bit.
+    `scaler` is the fp16 gradient scaler, or None."""
+    return {
+        "optimizer": optimizer.state_dict(),
+        "lr_schedule": lr_schedule.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "rngs": rngs.state(),
+        "family": family,
+    }
+
+
 def save_checkpoint(
     run_dir: Path,
     step: int,
@@ -156,7 +168,8 @@ def restore_checkpoint(
             param.copy_(tensors[name])
     optimizer.load_state_dict(state["optimizer"])
     lr_schedule.load_state_dict(state["lr_schedule"])
-    scaler.load_state_dict(state["scaler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
     rngs.restore(state["rngs"])
     return int(state["step"])
 

@@ -194,6 +194,11 @@ class TrainConfig:
     """Prior preservation: images the base draws for the captions without the trigger (0: off)."""
     prior_weight: float = 1.0
     """Weight of the loss on the prior-preservation images beside the style images' loss."""
+    clip_skip: int | None = None
+    """Condition on the text encoder's N-th layer from the end, as A1111's "Clip skip" (2 for
+    bases trained that way, e.g. anime SD 1.x models); SDXL always uses the penultimate layer."""
+    log_with: tuple[str, ...] = ("tensorboard",)
+    """accelerate trackers for the loss: `tensorboard`, `wandb`, ... (installed separately)."""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
@@ -222,6 +227,8 @@ class TrainConfig:
         _check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         _check_choice("train.device", self.device, DEVICES)
+        if self.clip_skip is not None:
+            _check_positive("train.clip_skip", self.clip_skip)
 
     @property
     def te_lr(self) -> float:

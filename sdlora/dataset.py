@@ -330,22 +330,25 @@ def _default_repeats(scan: Scan, repeats: int) -> None:
     ]
 
 
-def steps_per_epoch(scan: Scan, batch_size: int, grad_accum: int = 1) -> int:
-    """Optimizer steps in one epoch (batches never mix buckets, so some are short)."""
+def steps_per_epoch(scan: Scan, batch_size: int, grad_accum: int = 1, processes: int = 1) -> int:
+    """Optimizer steps in one epoch (batches never mix buckets, so some are short); each step
+    takes `grad_accum` batches in each of `processes` processes."""
     buckets = [e.bucket for e in scan.examples]
     batches = batches_per_epoch(buckets, [e.repeats for e in scan.examples], batch_size)
-    return max(1, math.ceil(batches / grad_accum))
+    return max(1, math.ceil(batches / (grad_accum * processes)))
 
 
-def epoch_plan(scan: Scan, steps: int, batch_size: int, grad_accum: int = 1) -> str:
+def epoch_plan(
+    scan: Scan, steps: int, batch_size: int, grad_accum: int = 1, processes: int = 1
+) -> str:
     """One line: images, repeats, images per epoch, steps and the epochs they make."""
     per_epoch = sum(e.repeats for e in scan.examples)
     repeats = sorted({e.repeats for e in scan.examples})
     shown = str(repeats[0]) if len(repeats) == 1 else f"{repeats[0]}-{repeats[-1]}"
-    epoch_steps = steps_per_epoch(scan, batch_size, grad_accum)
+    epoch_steps = steps_per_epoch(scan, batch_size, grad_accum, processes)
     return (
         f"{len(scan.examples)} images x {shown} repeats = {per_epoch} per epoch "
-        f"({epoch_steps} steps of batch {batch_size * grad_accum}); "
+        f"({epoch_steps} steps of batch {batch_size * grad_accum * processes}); "
         f"{steps} steps = {steps / epoch_steps:.1f} epochs"
     )
 

@@ -70,19 +70,33 @@ def configure_memory(base: Base, c_train, device: torch.device) -> None:
         base.unet.enable_xformers_memory_efficient_attention()
 
 
-def make_accelerator(mixed_precision: str, cpu: bool) -> Accelerator:
-    """accelerate's Accelerator for one run.
+def make_accelerator(
+    mixed_precision: str, device: str, run_dir: Path, log_with: tuple[str, ...] = ("tensorboard",)
+) -> Accelerator:
+    """accelerate's Accelerator for one run, logging to `log_with` trackers under
+    `run_dir/logs` (TensorBoard by default).
 
     accelerate keeps its settings process-wide and refuses a second Accelerator with another
     precision, so a notebook could train only once; they are reset here (the process group of
     an `accelerate launch` with several processes is kept).
     """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SdloraError("train.device is cuda but no CUDA device is available; use cpu or auto")
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SdloraError("train.mixed_precision=fp16 needs a CUDA device; use bf16 or no on CPU")
     single = int(os.environ.get("WORLD_SIZE", "1")) == 1
     AcceleratorState._reset_state(reset_partial_state=single)
     try:
-        accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+        accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            cpu=device == "cpu",
+            log_with=list(log_with),
+            project_dir=str(run_dir),
+        )
     except ImportError as e:  # e.g. a DeepSpeed config without deepspeed installed
         raise SdloraError(f"accelerate could not start: {e}. {PLAIN_PARALLEL}") from None
+    except ValueError as e:  # a tracker that is not installed
+        raise SdloraError(f"train.log_with: {e}") from None
     check_parallelism(accelerator)
     return accelerator
 
@@ -223,6 +237,32 @@ def training_autocast(accelerator: Accelerator, models: list[torch.nn.Module]):
         yield
 
 
+def prepare_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` as accelerate wraps it for training (DistributedDataParallel under several
+    processes). Its own forward stays plain: accelerate would wrap it in autocast for every
+    caller, sampling pipelines included, and return float32 outputs that the half-precision
+    VAE then refuses; the training step enters autocast itself (`training_autocast`)."""
+    wrapped = accelerator.prepare(model)
+    # The patch is an instance attribute over the class's forward. (accelerate's own
+    # `unwrap_model(keep_fp32_wrapper=False)` unwraps past transformers' forward decorators.)
+    model.__dict__.pop("forward", None)
+    model.__dict__.pop("_original_forward", None)
+    return wrapped
+
+
+@contextmanager
+def trackers(accelerator: Accelerator):
+    """accelerate's trackers (TensorBoard events in the run's logs/ folder) for a while; closed
+    and flushed however the run ends. (Not `end_training()`: it also ends the process group,
+    which the run still needs after the loop.)"""
+    accelerator.init_trackers("logs")
+    try:
+        yield
+    finally:
+        for tracker in accelerator.trackers:
+            tracker.finish()
+
+
 def take_batch(order, accelerator: Accelerator) -> list[int]:
     """This process's batch: of every `num_processes` batches, the one at its index."""
     batches = [next(order) for _ in range(accelerator.num_processes)]
@@ -231,9 +271,13 @@ def take_batch(order, accelerator: Accelerator) -> list[int]:
 
 @contextmanager
 def out_of_memory_advice(step: int):
+    """Out of memory, on a GPU or in the CPU's allocator, as one line saying what to lower."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        cpu_oom = "can't allocate memory" in str(e) or "DefaultCPUAllocator" in str(e)
+        if not isinstance(e, torch.OutOfMemoryError) and not cpu_oom:
+            raise
         raise SdloraError(
             f"out of memory at step {step}: lower train.batch_size or dataset.resolution, or set "
             "train.gradient_checkpointing=true and train.mixed_precision=bf16"

@@ -88,7 +88,8 @@ def test_sdxl_trains_on_buckets_with_each_images_size_and_crop(tmp_path):
     from conftest import tiny_overrides
 
     from sdlora import load_config
-    from sdlora.train import _added_cond, _batch, train
+    from sdlora.step import added_cond, assemble_batch
+    from sdlora.train import train
 
     folder = _folder(tmp_path)  # 128x64 and 64x64
     overrides = tiny_overrides(folder, tmp_path / "run", steps=2) + [
@@ -102,9 +103,10 @@ def test_sdxl_trains_on_buckets_with_each_images_size_and_crop(tmp_path):
     scan_ = scan_folder(folder, "zk", resolution=128)
     assert [e.bucket for e in scan_.examples] == [(128, 128), (192, 64)]
     cache = LatentCache(result.base.vae, scan_, "cpu")
-    latents, _, geometry = _batch(scan_, [1], cache, config.dataset, rng=None)
+    batch = assemble_batch(scan_, [1], cache, config.dataset, rng=None)
+    latents, geometry = batch.latents, batch.geometry
     assert latents.shape == (1, 4, 8, 24)
     # original (h, w), crop (top, left) after scaling 128x64 by 1.5 to 192x96, target (h, w)
     assert geometry == [(64, 128, 16, 0, 64, 192)]
-    ids = _added_cond(result.base, torch.zeros(1, 8), geometry, "cpu")["time_ids"]
+    ids = added_cond(result.base, torch.zeros(1, 8), geometry, "cpu")["time_ids"]
     assert ids.tolist() == [[64, 128, 16, 0, 64, 192]]

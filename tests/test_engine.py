@@ -13,6 +13,7 @@ import pytest
 import torch
 from accelerate.utils import DistributedType
 from conftest import tiny_overrides
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdlora import load_config, train
@@ -21,7 +22,8 @@ from sdlora.errors import SdloraError
 from sdlora.guard import IncompatibleLora
 from sdlora.models import load_base
 from sdlora.runtime import Offload, PeakMemory, check_parallelism
-from sdlora.train import diffusion_loss, encode_text, fixed_captions, scan_dataset
+from sdlora.step import diffusion_loss, encode_text
+from sdlora.train import fixed_captions, scan_dataset
 
 # Augmentations and a schedule with state, so resuming must restore every random stream.
 RICH = [
@@ -201,7 +203,13 @@ def test_two_processes_agree_and_only_rank_zero_writes(style_dir, tmp_path):
     out = tmp_path / "run"
     config = tmp_path / "c.toml"
     config.write_text("")
-    args = tiny_overrides(style_dir, out, steps=3) + ["train.device=cpu", "sample.report_images=0"]
+    # One epoch: 6 images in batches of 2 are 3 batches, which two processes take in 2 steps.
+    args = tiny_overrides(style_dir, out) + [
+        "train.device=cpu",
+        "sample.report_images=0",
+        "dataset.repeats=1",
+        "train.epochs=1",
+    ]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                 "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no", "-m", "sdlora", "train", str(config), *args,
@@ -211,7 +219,10 @@ def test_two_processes_agree_and_only_rank_zero_writes(style_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "run.json").read_text())
     assert report["processes"] == 2 and report["ranks_agree"] is True
-    assert (out / "log.jsonl").read_text().count("\n") == 3
+    assert report["distributed"] == "MULTI_CPU"  # accelerate's DDP: bucketed all-reduce
+    assert (out / "log.jsonl").read_text().count("\n") == 2
+    with safe_open(out / "style.safetensors", "pt") as f:
+        assert f.metadata()["ss_epoch"] == "1" and f.metadata()["ss_steps"] == "2"
     assert len(list((out / "logs").iterdir())) == 1
     assert result.stdout.count("LoRA:") == 1
 
@@ -322,10 +333,10 @@ def test_run_json_peak_memory_is_the_loops_not_the_last_samples(style_dir, tmp_p
     train_module = sys.modules["sdlora.train"]
     real_sample, held = train_module.sample, []
 
-    def heavy_last_sample(base, config, run_dir, step, device):
+    def heavy_last_sample(base, config, run_dir, step):
         if step == config.train.steps:
             held.append(np.ones(400 * 2**20 // 8))  # 400 MB, touched, kept to the end
-        return real_sample(base, config, run_dir, step, device)
+        return real_sample(base, config, run_dir, step)
 
     monkeypatch.setattr(train_module, "sample", heavy_last_sample)
     out = tmp_path / "run"
@@ -335,7 +346,7 @@ def test_run_json_peak_memory_is_the_loops_not_the_last_samples(style_dir, tmp_p
     assert held and json.loads((out / "run.json").read_text())["peak_memory_mb"] < whole - 300
 
 
-def test_bf16_training_forward_keeps_lora_inputs_in_bf16_with_the_same_gradients():
+def test_bf16_training_forward_keeps_lora_inputs_in_bf16_with_the_same_gradients(tmp_path):
     from diffusers.training_utils import cast_training_params
 
     from sdlora.lora import UNET_ATTENTION, inject_lora
@@ -348,7 +359,7 @@ def test_bf16_training_forward_keeps_lora_inputs_in_bf16_with_the_same_gradients
     for p in base.unet.parameters():  # non-zero up matrices, so every LoRA weight gets a gradient
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(p.numel()))
-    accelerator = make_accelerator("bf16", cpu=True)
+    accelerator = make_accelerator("bf16", "cpu", tmp_path)
     g = torch.Generator().manual_seed(0)
     latents, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     with torch.no_grad():
@@ -406,3 +417,43 @@ def test_each_checkpoint_leaves_a_loadable_lora_of_its_step(style_dir, tmp_path)
     train(_config(style_dir, quiet, 2, "train.save_every=1", "output.step_loras=false"),
           progress=False)  # fmt: skip
     assert [p.name for p in quiet.glob("*.safetensors")] == ["style.safetensors"]
+
+
+def test_cpu_out_of_memory_is_one_line_with_what_to_lower(style_dir, tmp_path, monkeypatch):
+    def allocator_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 274877906944 bytes.")  # fmt: skip
+
+    monkeypatch.setattr(sys.modules["sdlora.step"], "diffusion_loss", allocator_fails)
+    config = load_config(None, tiny_overrides(style_dir, tmp_path / "run", 2))
+    with pytest.raises(SdloraError, match="out of memory at step 1: lower train.batch_size"):
+        train(config, progress=False)
+    assert not (tmp_path / "run" / "style.safetensors").exists()
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory():
+    from sdlora.runtime import out_of_memory_advice
+
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        with out_of_memory_advice(3):
+            raise RuntimeError("shape mismatch")
+
+
+def test_a_failure_after_the_lora_is_saved_says_so_and_writes_run_json(
+    style_dir, tmp_path, monkeypatch
+):
+    train_module = sys.modules["sdlora.train"]
+    real_sample = train_module.sample
+
+    def last_sample_fails(base, config, run_dir, step):
+        if step == config.train.steps:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return real_sample(base, config, run_dir, step)
+
+    monkeypatch.setattr(train_module, "sample", last_sample_fails)
+    out = tmp_path / "run"
+    with pytest.raises(SdloraError, match="style.safetensors is saved, but the end-of-run"):
+        train(load_config(None, tiny_overrides(style_dir, out, 2)), progress=False)
+    assert load_file(out / "style.safetensors")
+    report = json.loads((out / "run.json").read_text())
+    assert report["steps"] == 2 and "can't allocate memory" in report["error"]

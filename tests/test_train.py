@@ -8,7 +8,7 @@ from safetensors import safe_open
 
 from sdlora.lora import UNET_ATTENTION, extract_lora, inject_lora, lora_layers, lora_parameters
 from sdlora.models import load_base
-from sdlora.train import diffusion_loss, encode_text
+from sdlora.step import diffusion_loss, encode_text
 
 
 def _base_weights(model) -> dict[str, torch.Tensor]:
@@ -163,3 +163,37 @@ def test_unet_only_lora_with_the_learning_report(style_dir, tmp_path):
     assert result.learning is not None and (tmp_path / "run" / "learning_report.json").is_file()
     with safe_open(str(result.lora_path), "pt") as f:
         assert not [k for k in f.keys() if k.startswith("lora_te")]
+
+
+def test_clip_skip_conditions_on_an_earlier_layer_as_a1111_does():
+    base = load_base("tiny:sd1")
+    captions = ["zk, a circle"]
+    with torch.no_grad():
+        last, _ = encode_text(base, captions, "cpu")
+        same, _ = encode_text(base, captions, "cpu", clip_skip=1)
+        skipped, _ = encode_text(base, captions, "cpu", clip_skip=2)
+        ids = base.tokenizer(captions, padding="max_length", max_length=77, return_tensors="pt")
+        hidden = base.text_encoder(ids.input_ids, output_hidden_states=True).hidden_states
+        expected = base.text_encoder.final_layer_norm(hidden[-2])
+    assert torch.equal(last, same)
+    assert torch.allclose(skipped, expected) and not torch.allclose(skipped, last)
+
+
+def test_clip_skip_is_recorded_and_refused_where_it_cannot_apply(style_dir, tmp_path):
+    from conftest import tiny_overrides
+
+    from sdlora import load_config, train
+    from sdlora.errors import SdloraError
+
+    quiet = ["sample.report_images=0", "train.clip_skip=2"]
+    result = train(
+        load_config(None, tiny_overrides(style_dir, tmp_path / "a", 1) + quiet), progress=False
+    )
+    with safe_open(result.lora_path, "pt") as f:
+        assert f.metadata()["ss_clip_skip"] == "2"
+    xl = tiny_overrides(style_dir, tmp_path / "b", 1) + [
+        "model.base=tiny:sdxl",
+        "train.clip_skip=3",
+    ]
+    with pytest.raises(SdloraError, match="SDXL always conditions on the penultimate"):
+        train(load_config(None, xl), progress=False)

@@ -1,0 +1,184 @@
+"""What a training run writes about itself: the resolved config, the loss log, the LoRA files
+with sd-scripts' training metadata, and run.json. Only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from sdlora import export
+from sdlora.checkpoint import save_checkpoint
+from sdlora.config import Config, config_to_toml
+from sdlora.dataset import Scan, folder_counts, steps_per_epoch, tag_frequency
+from sdlora.errors import SdloraError
+from sdlora.lora import Lora
+from sdlora.runtime import OPTIMIZER_NAMES
+
+
+class RunRecord:
+    """The run folder's files other than samples: config, log, checkpoints, LoRAs, run.json."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: Config,
+        scan: Scan,
+        train_te: bool,
+        processes: int,
+        base_name: str,
+    ):
+        self.run_dir, self.config, self.scan = run_dir, config, scan
+        self.train_te, self.processes, self.base_name = train_te, processes, base_name
+        self.started = time.time()
+        self.log_path = run_dir / "log.jsonl"
+
+    def write_config(self) -> None:
+        """config.toml: the resolved config, which also resumes the run."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.toml").write_text(config_to_toml(self.config), encoding="utf-8")
+
+    def resume_log(self, resumed_at: int) -> list[float]:
+        """Keep the log's lines up to `resumed_at` (none for a fresh run); their losses."""
+        lines = _read_lines(self.log_path)
+        kept = [line for line in lines if json.loads(line)["step"] <= resumed_at]
+        self.log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        return [json.loads(line)["loss"] for line in kept]
+
+    def log_step(self, accelerator, step: int, loss: float, lr: float, grad_norm: float) -> None:
+        """One line of log.jsonl, and the step's scalars to accelerate's trackers."""
+        with self.log_path.open("a", encoding="utf-8") as log:
+            log.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+        accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}, step)
+
+    def write_lora(self, path: Path, lora: Lora, at_step: int, steps: int) -> None:
+        """The LoRA as trained up to `at_step` of `steps`, in the file sd-scripts writes."""
+        c = self.config
+        metadata = export.build_metadata(
+            family=lora.family,
+            title=c.output.name,
+            rank=c.lora.rank,
+            alpha=c.lora.alpha,
+            trigger_words=[c.dataset.trigger],
+            resolution=c.dataset.resolution,
+            base_name=self.base_name,
+            tag_frequency=tag_frequency(self.scan),
+            training=self.training_metadata(at_step, steps),
+        )
+        export.save_kohya(path, lora, lora.family, metadata, dtype=c.output.dtype)
+
+    def training_metadata(self, at_step: int, steps: int) -> dict:
+        """The training-run `ss_*` fields (without prefix), all strings."""
+        c, t, scan = self.config, self.config.train, self.scan
+        per_epoch = steps_per_epoch(scan, t.batch_size, t.grad_accum, self.processes)
+        return {
+            "learning_rate": str(t.lr),
+            "unet_lr": str(t.lr),
+            "text_encoder_lr": str(t.te_lr if self.train_te else 0.0),
+            "steps": str(at_step),
+            "max_train_steps": str(steps),
+            "epoch": str(-(-at_step // per_epoch)),
+            "optimizer": OPTIMIZER_NAMES[t.optimizer],
+            "lr_scheduler": t.lr_scheduler,
+            "lr_warmup_steps": str(t.warmup_steps),
+            "mixed_precision": t.mixed_precision,
+            "seed": str(t.seed),
+            "batch_size_per_device": str(t.batch_size),
+            "gradient_accumulation_steps": str(t.grad_accum),
+            "max_grad_norm": str(t.max_grad_norm),
+            "num_train_images": str(len(scan.examples)),
+            "dataset_dirs": json.dumps(folder_counts(scan)),
+            "enable_bucket": str(c.dataset.buckets),
+            "bucket_info": json.dumps({"buckets": scan.bucket_counts()}),
+            "flip_aug": str(c.dataset.flip),
+            "random_crop": str(c.dataset.crop == "random"),
+            "shuffle_caption": str(c.dataset.shuffle_tags),
+            "keep_tokens": str(c.dataset.keep_tokens),
+            "caption_dropout_rate": str(c.dataset.caption_dropout),
+            "caption_tag_dropout_rate": str(c.dataset.tag_dropout),
+            "training_started_at": str(self.started),
+            "training_finished_at": str(time.time()),
+            "clip_skip": str(t.clip_skip) if t.clip_skip else "None",
+            "noise_offset": str(t.noise_offset) if t.noise_offset else "None",
+            "min_snr_gamma": str(t.min_snr_gamma),
+            "network_train_unet_only": str(not self.train_te),
+        }
+
+    def checkpoint(
+        self, step: int, steps: int, params: dict[str, torch.Tensor], state: dict, lora: Lora
+    ) -> Path:
+        """checkpoints/step_NNNNNN (resumable), and the LoRA file of that step unless
+        `output.step_loras` is off; returns the checkpoint folder."""
+        c_out = self.config.output
+        saved = save_checkpoint(self.run_dir, step, params, state, self.config.train.keep_last)
+        if c_out.step_loras:
+            path = self.run_dir / f"{c_out.name}-step{step:06d}.safetensors"
+            self.write_lora(path, lora, step, steps)
+        return saved
+
+    def write_report(
+        self,
+        steps: int,
+        start: int,
+        losses: list[float],
+        wall: float,
+        peak_mb: float,
+        agree: bool,
+        accelerator,
+    ) -> None:
+        """run.json: what the loop measured (from step `start` to `steps`), the LoRA written,
+        the processes and whether they agree, and the dataset part."""
+        t = self.config.train
+        per_step = t.batch_size * t.grad_accum * self.processes
+        self._write_json({
+            "steps": steps,
+            "resumed_at": start,
+            "wall_time_s": round(wall, 3),
+            "samples_per_s": round((steps - start) * per_step / wall, 3),
+            "peak_memory_mb": peak_mb,
+            "processes": self.processes,
+            "distributed": accelerator.distributed_type.value,
+            "ranks_agree": agree,
+            "final_loss": losses[-1],
+            "lora": str(self.run_dir / f"{self.config.output.name}.safetensors"),
+            **scan_summary(self.scan),
+        })  # fmt: skip
+
+    def _write_json(self, report: dict) -> None:
+        self.report = report
+        text = json.dumps(report, indent=2)
+        (self.run_dir / "run.json").write_text(text, encoding="utf-8")
+
+    @contextmanager
+    def after_save(self, lora_path: Path):
+        """Work done once the LoRA is saved (samples, the report): a failure there is one
+        error that says the LoRA is safe, and run.json records it."""
+        try:
+            yield
+        except SdloraError as e:
+            self._failed(lora_path, str(e))
+        except Exception as e:  # noqa: BLE001 - anything: the saved LoRA must not look lost
+            self._failed(lora_path, f"{type(e).__name__}: {e}")
+
+    def _failed(self, lora_path: Path, what: str) -> None:
+        self._write_json({**self.report, "error": f"end-of-run samples or report: {what}"})
+        raise SdloraError(
+            f"{lora_path} is saved, but the end-of-run samples or report failed: {what} "
+            f"(see {self.run_dir / 'run.json'})"
+        ) from None
+
+
+def scan_summary(scan: Scan) -> dict:
+    """The dataset part of run.json: images used, and the files skipped or warned about."""
+    return {
+        "images": len(scan.examples),
+        "skipped": [{"file": str(p.path), "reason": p.reason} for p in scan.skipped],
+        "warnings": [{"file": str(p.path), "reason": p.reason} for p in scan.warnings],
+    }
+
+
+def _read_lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []

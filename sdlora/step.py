@@ -1,0 +1,250 @@
+"""One training step: batches of cached latents and captions -> diffusion loss -> gradients ->
+one optimizer update.
+
+The maths of the loss is `diffusion_loss()`; `Stepper` holds what every step needs (the models
+as accelerate prepared them, the caches, the random streams) so the loop in `train.py` reads as
+one call per step.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.training_utils import compute_snr
+
+from sdlora.cache import LatentCache, TextCache
+from sdlora.captions import augment_caption
+from sdlora.checkpoint import Rngs
+from sdlora.config import DatasetConfig, TrainConfig
+from sdlora.dataset import Scan
+from sdlora.errors import SdloraError
+from sdlora.models import Base
+from sdlora.prior import PriorSet
+from sdlora.runtime import out_of_memory_advice, training_autocast
+
+
+def diffusion_loss(
+    unet,
+    noise_scheduler,
+    latents: torch.Tensor,  # (B, 4, H/8, W/8), already scaled
+    text: torch.Tensor,  # (B, 77, cross_attention_dim)
+    noise: torch.Tensor,  # like latents
+    timesteps: torch.Tensor,  # (B,) ints in [0, num_train_timesteps)
+    added_cond: dict | None = None,  # SDXL: pooled text embeddings and time ids
+    min_snr_gamma: float | None = None,
+) -> torch.Tensor:
+    """Mean squared error between the UNet's prediction and its target (ε or v).
+
+    With `min_snr_gamma`, each sample's error is weighted by min(SNR, γ) / SNR (ε) or
+    min(SNR, γ) / (SNR + 1) (v), so easy low-noise steps stop dominating (Hang et al. 2023).
+    """
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    if min_snr_gamma:
+        snr = compute_snr(noise_scheduler, timesteps)
+        loss = loss * snr.clamp(max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
+    return loss.mean()
+
+
+def make_noise(shape, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise; with `offset`, plus a per-channel constant that lets the model learn
+    overall brightness (offset noise)."""
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise += offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator)
+    return noise
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions,
+        padding="max_length",
+        truncation=True,
+        max_length=tokenizer.model_max_length,
+        return_tensors="pt",
+    ).input_ids
+
+
+def encode_text(
+    base: Base,
+    captions: list[str],
+    device,
+    encoders: dict[str, torch.nn.Module] | None = None,
+    clip_skip: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Text conditioning (B, 77, width) and, for SDXL, pooled embeddings (B, width_2).
+
+    `encoders` replaces the base's text encoders by name (the training wrappers accelerate
+    made); `clip_skip` N takes the N-th layer from the end, then the final layer norm, as
+    A1111 and sd-scripts do (SD 1.x/2.x; SDXL always conditions on the penultimate layers).
+    """
+    encoders = {**base.text_encoders, **(encoders or {})}
+    ids = tokenize(base.tokenizer, captions).to(device)
+    if base.family != "sdxl":
+        if not clip_skip or clip_skip == 1:
+            return encoders["text_encoder"](ids)[0], None
+        hidden = encoders["text_encoder"](ids, output_hidden_states=True).hidden_states
+        return base.text_encoder.final_layer_norm(hidden[-clip_skip]), None
+    ids_2 = tokenize(base.tokenizer_2, captions).to(device)
+    # SDXL conditions on both encoders' penultimate layers, side by side.
+    out_1 = encoders["text_encoder"](ids, output_hidden_states=True)
+    out_2 = encoders["text_encoder_2"](ids_2, output_hidden_states=True)
+    text = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    return text, out_2.text_embeds
+
+
+def added_cond(base: Base, pooled, geometry: list[tuple], device) -> dict | None:
+    """SDXL's extra conditioning: pooled text and, per image, original (h, w), crop
+    (top, left) and target (h, w) = its bucket. None for the other families."""
+    if base.family != "sdxl":
+        return None
+    ids = torch.tensor(geometry, dtype=pooled.dtype)
+    return {"text_embeds": pooled, "time_ids": ids.to(device)}
+
+
+def vae_scale(base: Base) -> int:
+    """Pixels per latent cell: the VAE halves the size once per block after the first."""
+    return 2 ** (len(base.vae.config.block_out_channels) - 1)
+
+
+@dataclass
+class Batch:
+    """One batch as the loss takes it: latents of one bucket, this step's caption variants."""
+
+    latents: torch.Tensor  # (B, 4, H/8, W/8)
+    captions: list[str]
+    geometry: list[tuple]  # SDXL size conditioning, see added_cond
+    names: list[str]  # file names, for error messages
+
+
+def assemble_batch(
+    scan: Scan, idx: list[int], latents: LatentCache, c_data: DatasetConfig, rng
+) -> Batch:
+    """Examples `idx` with this step's flips, crops and caption augmentation."""
+    rows, captions, geometry = [], [], []
+    for i in idx:
+        example = scan.examples[i]
+        flip = c_data.flip and rng.random() < 0.5
+        latent, crop = latents.get(example, flip, c_data.crop, rng)
+        rows.append(latent)
+        captions.append(
+            augment_caption(
+                example.caption,
+                rng,
+                keep_tokens=c_data.keep_tokens,
+                shuffle=c_data.shuffle_tags,
+                tag_dropout=c_data.tag_dropout,
+                caption_dropout=c_data.caption_dropout,
+            )
+        )
+        width, height = example.size
+        geometry.append((height, width, *crop, example.bucket[1], example.bucket[0]))
+    return Batch(torch.cat(rows), captions, geometry, [scan.examples[i].path.name for i in idx])
+
+
+class Stepper:
+    """Forward and backward passes and the optimizer update of a run.
+
+    `unet` and `encoders` are the trained models as accelerate prepared them (wrapped for
+    several processes); gradients are synchronised across processes only on the last backward
+    pass before an update, as accelerate's `accumulate` does.
+    """
+
+    def __init__(
+        self,
+        base: Base,
+        accelerator,
+        unet: torch.nn.Module,
+        encoders: dict[str, torch.nn.Module],
+        text_for: TextCache,
+        prior: PriorSet | None,
+        rngs: Rngs,
+        c_train: TrainConfig,
+    ):
+        self.base, self.accelerator = base, accelerator
+        self.unet, self.encoders = unet, encoders
+        self.text_for, self.prior, self.rngs, self.c_train = text_for, prior, rngs, c_train
+        self.models = [unet, *encoders.values()]
+        self.device = accelerator.device
+
+    def forward_backward(self, batches: list[Batch], step: int) -> float:
+        """Loss over `batches` (the step's gradient-accumulation batches), gradients summed
+        into the LoRA parameters; returns the mean loss of this process. With prior
+        preservation each batch also fits as many prior images, in a backward pass of its own."""
+        parts = (False, True) if self.prior is not None else (False,)
+        passes = [(batch, is_prior) for batch in batches for is_prior in parts]
+        total = 0.0
+        for n, (batch, is_prior) in enumerate(passes):
+            with (
+                self._sync(last=n == len(passes) - 1),
+                training_autocast(self.accelerator, self.models),
+                out_of_memory_advice(step),
+            ):
+                if is_prior:
+                    loss = self.c_train.prior_weight * self._prior_loss(len(batch.names))
+                else:
+                    loss = self._style_loss(batch)
+                self.accelerator.backward(loss / len(batches))
+            total += loss.item() / len(batches)
+            if not math.isfinite(total):
+                raise SdloraError(
+                    f"loss became {total} at step {step} (batch: {', '.join(batch.names)}); "
+                    "nothing was saved from this step. Lower train.lr or use "
+                    "train.mixed_precision=no, then resume from the last checkpoint"
+                )
+        return total
+
+    def update(self, optimizer, lr_schedule, trainable: list[torch.Tensor]) -> float:
+        """One optimizer step on the synchronised gradients, clipped to `train.max_grad_norm`
+        (0: not clipped); returns their norm before clipping."""
+        limit = self.c_train.max_grad_norm if self.c_train.max_grad_norm > 0 else float("inf")
+        grad_norm = self.accelerator.clip_grad_norm_(trainable, limit)
+        optimizer.step()
+        lr_schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def _style_loss(self, batch: Batch) -> torch.Tensor:
+        text, pooled = self.text_for(batch.captions)
+        latents = batch.latents.to(self.device)  # (B, 4, H/8, W/8), one bucket
+        noise = make_noise(latents.shape, self.rngs.noise, self.c_train.noise_offset)
+        steps = self.base.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (len(batch.names),), generator=self.rngs.noise)
+        return diffusion_loss(
+            self.unet,
+            self.base.scheduler,
+            latents,
+            text,
+            noise.to(self.device),
+            timesteps.to(self.device),
+            added_cond(self.base, pooled, batch.geometry, self.device),
+            min_snr_gamma=self.c_train.min_snr_gamma,
+        )
+
+    def _prior_loss(self, size: int) -> torch.Tensor:
+        """`diffusion_loss` on `size` base-drawn prior images under their own captions."""
+        generator = self.rngs.prior
+        latents, captions = self.prior.batch(size, generator)
+        latents = latents.to(self.device)  # (B, 4, h, w)
+        text, pooled = self.text_for(captions)
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
+        steps = self.base.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (size,), generator=generator).to(self.device)
+        h, w = (side * vae_scale(self.base) for side in latents.shape[-2:])
+        cond = added_cond(self.base, pooled, [(h, w, 0, 0, h, w)] * size, self.device)
+        return diffusion_loss(self.unet, self.base.scheduler, latents, text, noise, timesteps, cond)
+
+    def _sync(self, last: bool):
+        """No gradient synchronisation across processes except on the last backward pass."""
+        stack = ExitStack()
+        if not last:
+            for model in self.models:
+                stack.enter_context(self.accelerator.no_sync(model))
+        return stack

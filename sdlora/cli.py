@@ -79,10 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: fp16 on CUDA, fp32 on the CPU",
     )
 
-    p = sub.add_parser("merge", help="fuse LoRAs into a base and save a diffusers folder")
+    p = sub.add_parser(
+        "merge", help="fuse LoRAs into a base: a diffusers folder or one .safetensors checkpoint"
+    )
     p.add_argument("--base", required=True)
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]")
-    p.add_argument("-o", "--out", required=True, type=Path, help="new diffusers folder")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        type=Path,
+        help="new diffusers folder, or OUT.safetensors: one checkpoint A1111/ComfyUI load",
+    )
+    p.add_argument(
+        "--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="of a .safetensors -o"
+    )
 
     p = sub.add_parser("inspect", help="family, ranks, triggers, hashes and metadata of a LoRA")
     p.add_argument("file", type=Path)
@@ -207,7 +218,12 @@ def cmd_merge(args) -> int:
     generator = Generator.load(args.base, loras, fuse=True, device="cpu", dtype="fp32")
     pipe = generator.pipeline()
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
-    pipe.save_pretrained(args.out)
+    if args.out.suffix.lower() == ".safetensors":
+        from sdlora.ldm import save_merged
+
+        save_merged(args.out, generator, args.dtype)
+    else:
+        pipe.save_pretrained(args.out)
     print(args.out)
     return 0
 

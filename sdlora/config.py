@@ -259,6 +259,8 @@ class OutputConfig:
     step_loras: bool = True
     """At each checkpoint (`train.save_every`) also write `<name>-stepNNNNNN.safetensors`, the
     LoRA as it is at that step, loadable like the final one."""
+    bundle: bool = True
+    """At the end, write `bundle/`: the LoRA ready to publish (see `sdlora bundle`)."""
 
     def __post_init__(self):
         if not self.name or "/" in self.name or "\\" in self.name:

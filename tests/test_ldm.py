@@ -17,7 +17,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from sdlora.cli import main
 from sdlora.export import build_metadata, save_lora
 from sdlora.generate import Generator
-from sdlora.ldm import TEXT_ENCODERS, to_single_file
+from sdlora.ldm import CHECKPOINT_ARCHITECTURES, TEXT_ENCODERS, to_single_file
 from sdlora.lora import random_lora
 from sdlora.models import Base, config_folder, load_base
 from sdlora.tiny import tiny_components
@@ -60,9 +60,9 @@ def _pixels(image):
     return np.asarray(image, dtype=np.int16)
 
 
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2-v", "sdxl"])
 def test_merged_single_file_loads_back_with_the_same_weights_and_image(family, tmp_path):
-    base = "tiny:sd1" if family == "sd1" else _tiny_sdxl_folder(tmp_path)
+    base = _tiny_sdxl_folder(tmp_path) if family == "sdxl" else f"tiny:{family}"
     lora = _lora_file(base, tmp_path / "zkstyle.safetensors")
     folder, single = tmp_path / "merged", tmp_path / "merged.safetensors"
     for out, extra in ((folder, []), (single, ["--dtype", "fp32"])):
@@ -70,9 +70,7 @@ def test_merged_single_file_loads_back_with_the_same_weights_and_image(family, t
 
     with safetensors.safe_open(single, "pt") as f:
         meta = f.metadata()
-    assert meta["modelspec.architecture"] == (
-        "stable-diffusion-v1" if family == "sd1" else "stable-diffusion-xl-v1-base"
-    )
+    assert meta["modelspec.architecture"] == CHECKPOINT_ARCHITECTURES[family]
     assert "zkstyle" in meta["modelspec.merged_from"]
     # diffusers' own single-file loader, with the merged folder as the config folder
     loaded = load_base(str(single), config_dir=folder)

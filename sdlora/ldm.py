@@ -19,6 +19,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from sdlora.errors import SdloraError
 from sdlora.families import FAMILIES
 
 UNET_PREFIX = "model.diffusion_model."
@@ -93,7 +94,7 @@ def unet_to_ldm(state: dict, layers_per_block: int, n_levels: int) -> dict:
             for a, b in UNET_RESNET.items():
                 new = new.replace(f".{a}.", f".{b}.")
         if new == key:
-            raise ValueError(f"no LDM name for the UNet tensor {key}")
+            raise SdloraError(f"the UNet tensor {key} has no name in the original layout")
         out[UNET_PREFIX + new] = value
     return out
 
@@ -164,7 +165,7 @@ def openclip_to_ldm(state: dict, prefix: str) -> dict:
         and not any(k.startswith(c) for c in covered)
     ]
     if left:
-        raise ValueError(f"no OpenCLIP name for the text-encoder tensors {left[:3]}")
+        raise SdloraError(f"the text-encoder tensors {left[:3]} have no OpenCLIP name")
     return out
 
 

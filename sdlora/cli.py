@@ -260,7 +260,7 @@ def cmd_inspect(args) -> int:
     print(f"file:        {info['file']} ({info['format']})")
     print(f"family:      {info['family'] or 'unknown'}{sure}")
     print(f"prediction:  {info['prediction_type']}")
-    print(f"base model:  {info['base_label'] or 'unknown'}")
+    print(f"base model:  {info['base_label'] or '-'}")
     print(f"modules:     {modules}")
     print(f"rank/alpha:  {info['ranks']} / {info['alphas']}")
     print(f"triggers:    {', '.join(info['trigger_words']) or '-'}")

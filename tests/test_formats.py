@@ -215,7 +215,7 @@ def test_inspect_reports_family_counts_triggers_and_hashes(tmp_path, capsys):
     assert info["ranks"] == [4] and info["alphas"] == [2.0]
     # tiny SDXL: 28 transformer blocks (depths 1, 2, 3) x 8 attention projections
     assert info["modules"] == {"unet": 224, "text_encoder": 8, "text_encoder_2": 12}
-    assert info["trigger_words"] == ["zkfoo"] and info["base_label"] == "SDXL 1.0"
+    assert info["trigger_words"] == ["zkfoo"] and info["base_label"] == ""
     assert info["hashes"]["autov2"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     assert info["hashes"]["autov3"] == info["metadata"]["sshs_model_hash"][:12]
     # A third-party diffusers file without metadata: family from structure, hashes computed.

@@ -79,10 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: fp16 on CUDA, fp32 on the CPU",
     )
 
-    p = sub.add_parser("merge", help="fuse LoRAs into a base and save a diffusers folder")
+    p = sub.add_parser(
+        "merge", help="fuse LoRAs into a base: a diffusers folder or one .safetensors checkpoint"
+    )
     p.add_argument("--base", required=True)
     p.add_argument("--lora", action="append", required=True, metavar="FILE[:SCALE]")
-    p.add_argument("-o", "--out", required=True, type=Path, help="new diffusers folder")
+    p.add_argument(
+        "-o",
+        "--out",
+        required=True,
+        type=Path,
+        help="new diffusers folder, or OUT.safetensors: one checkpoint A1111/ComfyUI load",
+    )
+    p.add_argument(
+        "--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="of a .safetensors -o"
+    )
 
     p = sub.add_parser("inspect", help="family, ranks, triggers, hashes and metadata of a LoRA")
     p.add_argument("file", type=Path)
@@ -97,6 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"), help="if undetectable")
     p.add_argument("--allow-pickle", action="store_true", help="read a pickle file (weights only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("bundle", help="a folder to publish on Civitai or the Hugging Face Hub")
+    p.add_argument("source", type=Path, metavar="RUN_DIR|LORA", help="run folder or LoRA file")
+    p.add_argument("-o", "--out", type=Path, help="bundle folder (default: RUN_DIR/bundle)")
+    p.add_argument("--license", help="model card license (default: the base's, e.g. openrail++)")
+    p.add_argument("--base", help="base to draw the previews with (default: the run's)")
+    p.add_argument("--weight", type=float, default=1.0, help="recommended LoRA weight (1)")
+    p.add_argument("--no-previews", action="store_true", help="draw no preview images")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+    p = sub.add_parser("push", help="upload a bundle to the Hugging Face Hub")
+    p.add_argument("bundle", type=Path, help="folder written by `sdlora bundle`")
+    p.add_argument("--repo", required=True, help="model repo, user/name (made if missing)")
+    p.add_argument("--private", action="store_true", help="make a new repo private")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded")
 
     p = sub.add_parser("check", help="preflight a dataset folder: every file's status, buckets")
     p.add_argument("dir", type=Path, help="folder of training images")
@@ -207,7 +234,12 @@ def cmd_merge(args) -> int:
     generator = Generator.load(args.base, loras, fuse=True, device="cpu", dtype="fp32")
     pipe = generator.pipeline()
     pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
-    pipe.save_pretrained(args.out)
+    if args.out.suffix.lower() == ".safetensors":
+        from sdlora.ldm import save_merged
+
+        save_merged(args.out, generator, args.dtype)
+    else:
+        pipe.save_pretrained(args.out)
     print(args.out)
     return 0
 
@@ -228,6 +260,7 @@ def cmd_inspect(args) -> int:
     print(f"file:        {info['file']} ({info['format']})")
     print(f"family:      {info['family'] or 'unknown'}{sure}")
     print(f"prediction:  {info['prediction_type']}")
+    print(f"base model:  {info['base_label'] or '-'}")
     print(f"modules:     {modules}")
     print(f"rank/alpha:  {info['ranks']} / {info['alphas']}")
     print(f"triggers:    {', '.join(info['trigger_words']) or '-'}")
@@ -256,6 +289,31 @@ def cmd_export(args) -> int:
     metadata.pop("modelspec.hash_sha256", None)
     save_lora(args.out, lora, family, args.format, metadata, args.dtype)
     print(args.out)
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from sdlora.bundle import write_bundle
+
+    out = write_bundle(args.source, args.out, license=args.license, base=args.base,
+                       weight=args.weight, previews=not args.no_previews,
+                       overwrite=args.overwrite, device=args.device)  # fmt: skip
+    print(out)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from sdlora.hub import bundle_files, check_repo_id, push_bundle
+
+    if args.dry_run:
+        check_repo_id(args.repo)
+        files = bundle_files(args.bundle)
+        for name, size in files:
+            print(f"{size:>12,}  {name}")
+        total = sum(size for _, size in files)
+        print(f"{len(files)} files, {total:,} bytes -> {args.repo} (dry run: nothing uploaded)")
+        return 0
+    print(push_bundle(args.bundle, args.repo, private=args.private))
     return 0
 
 
@@ -312,6 +370,8 @@ COMMANDS = {
     "merge": cmd_merge,
     "inspect": cmd_inspect,
     "export": cmd_export,
+    "bundle": cmd_bundle,
+    "push": cmd_push,
     "check": cmd_check,
     "caption": cmd_caption,
 }

@@ -19,6 +19,7 @@ import tomllib
 
 from sdlora.decode import parse_colour
 from sdlora.errors import SdloraError
+from sdlora.families import BASE_LABELS, known_label, same_architecture
 
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -42,11 +43,27 @@ class ModelConfig:
     """Local diffusers-layout config folder for a single-file checkpoint (default: built in)."""
     allow_pickle: bool = False
     """Allow a pickle `.ckpt` base (loaded with `weights_only=True`); prefer `.safetensors`."""
+    base_label: str = ""
+    """The base's name as people know it (`Pony`, `Illustrious`, `NoobAI`, `SD 1.5`): recorded
+    in the LoRA and its bundle (Civitai's base model); empty: the family's name."""
 
     def __post_init__(self):
         if not self.base:
             raise SdloraError("model.base is empty: name a checkpoint folder, file or `tiny:sd1`")
+        label = known_label(self.family or "")
+        if label:
+            family = BASE_LABELS[label]
+            raise SdloraError(
+                f"model.family={self.family!r}: {label} is a base of family {family}; set "
+                f'model.family={family} (or leave it out) and model.base_label="{label}"'
+            )
         _check_choice("model.family", self.family, FAMILIES, optional=True)
+        label = known_label(self.base_label)
+        if label and self.family and not same_architecture(BASE_LABELS[label], self.family):
+            raise SdloraError(
+                f"model.base_label={self.base_label!r} is a base of family {BASE_LABELS[label]} "
+                f"but model.family is {self.family}; fix one of them"
+            )
 
 
 @dataclass(frozen=True)
@@ -249,6 +266,8 @@ class OutputConfig:
     step_loras: bool = True
     """At each checkpoint (`train.save_every`) also write `<name>-stepNNNNNN.safetensors`, the
     LoRA as it is at that step, loadable like the final one."""
+    bundle: bool = True
+    """At the end, write `bundle/`: the LoRA ready to publish (see `sdlora bundle`)."""
 
     def __post_init__(self):
         if not self.name or "/" in self.name or "\\" in self.name:

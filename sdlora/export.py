@@ -20,7 +20,7 @@ import safetensors.torch
 import torch
 from peft import LoraConfig
 
-from sdlora.families import FAMILIES
+from sdlora.families import FAMILIES, LABEL_KEY, known_label
 from sdlora.lora import Lora, most_common
 from sdlora.lorafile import sha256_after_header
 from sdlora.naming import kohya_name
@@ -57,11 +57,14 @@ def build_metadata(
     base_name: str = "",
     tag_frequency: dict[str, dict[str, int]] | None = None,
     training: dict[str, object] | None = None,
+    base_label: str = "",
 ) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` metadata sd-scripts writes, every value a string.
 
     `tag_frequency` is `{dataset_dir_name: {tag: count}}`; it is capped so the header stays
     small. `training` holds further `ss_*` fields (without the prefix): steps, lr, seed, ...
+    `base_label` (e.g. `Pony`) goes into `ss_base_model_label`: `ss_base_model_version` and
+    `modelspec.architecture` keep the values loaders key on, which have no room for it.
     """
     spec = FAMILIES[family]
     tags = _cap_tags(tag_frequency or {})
@@ -89,6 +92,8 @@ def build_metadata(
         "modelspec.prediction_type": "v" if spec.prediction_type == "v_prediction" else "epsilon",
         "modelspec.trigger_phrase": ", ".join(trigger_words),
     }
+    if base_label:
+        meta[LABEL_KEY] = known_label(base_label) or base_label
     for key, value in (training or {}).items():
         meta[f"ss_{key}"] = value if isinstance(value, str) else json.dumps(value)
     return meta

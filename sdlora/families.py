@@ -120,8 +120,28 @@ METADATA_FAMILIES = {
 }  # fmt: skip
 
 
+# Base models by the names Civitai files them under -> family. The SDXL community bases
+# (Pony, Illustrious, NoobAI) are SDXL fine-tunes: same architecture, so the same family.
+BASE_LABELS = {
+    "SD 1.4": "sd1", "SD 1.5": "sd1", "SD 2.0": "sd2", "SD 2.1": "sd2",
+    "SD 2.0 768": "sd2-v", "SD 2.1 768": "sd2-v", "SDXL 1.0": "sdxl",
+    "Pony": "sdxl", "Illustrious": "sdxl", "NoobAI": "sdxl",
+}  # fmt: skip
+# The Civitai base-model name of a family when no label says more.
+FAMILY_LABELS = {"sd1": "SD 1.5", "sd2": "SD 2.1", "sd2-v": "SD 2.1 768", "sdxl": "SDXL 1.0"}
+LABEL_KEY = "ss_base_model_label"
+"""Metadata key of the base-model label (sd-scripts and ModelSpec define none)."""
+
+
+def known_label(label: str) -> str | None:
+    """`label` spelt as Civitai does (`pony` -> `Pony`), or None when it is not one of its."""
+    wanted = label.strip().casefold().replace("-", " ")
+    return next((k for k in BASE_LABELS if k.casefold() == wanted), None)
+
+
 def family_from_metadata(metadata: dict[str, str]) -> str | None:
-    """Family named by sd-scripts' or ModelSpec metadata, if any."""
+    """Family named by sd-scripts' or ModelSpec metadata (or a base-model label), if any."""
+    label = known_label(metadata.get(LABEL_KEY, ""))
     for key in ("modelspec.architecture", "ss_base_model_version"):
         family = METADATA_FAMILIES.get(metadata.get(key, ""))
         if family:
@@ -130,7 +150,7 @@ def family_from_metadata(metadata: dict[str, str]) -> str | None:
             return family
     if metadata.get("ss_v2") == "True":
         return "sd2-v" if metadata.get("ss_v_parameterization") == "True" else "sd2"
-    return None
+    return BASE_LABELS[label] if label else None
 
 
 def detect_lora_family(lora) -> Detection:

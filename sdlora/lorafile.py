@@ -238,7 +238,7 @@ def trigger_words(metadata: dict[str, str]) -> list[str]:
 
 def inspect_lora(path: str | Path, allow_pickle: bool = False) -> dict:
     """Everything worth knowing about a LoRA file, as `sdlora inspect --json` prints it."""
-    from sdlora.families import FAMILIES, detect_lora_family
+    from sdlora.families import FAMILIES, LABEL_KEY, detect_lora_family
 
     path = Path(path)
     lora = read_lora(path, allow_pickle)
@@ -259,6 +259,7 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> dict:
         "family_evidence": detection.evidence,
         "family_ambiguous": detection.ambiguous,
         "prediction_type": prediction,
+        "base_label": lora.metadata.get(LABEL_KEY, ""),
         "ranks": sorted({m.rank for _, _, m in lora.modules()}),
         "alphas": sorted({m.alpha for _, _, m in lora.modules()}),
         "modules": {c: lora.count(c) for c in ("unet", "text_encoder", "text_encoder_2")},

@@ -54,10 +54,20 @@ def test_unknown_section_is_named(tmp_path):
         ("train.mixed_precision=fp8", r"train\.mixed_precision must be one of no, fp16, bf16"),
         ("dataset.resolution=500", r"dataset\.resolution must be a multiple of 32"),
         ("steps=3", r"must look like section\.key=value"),
+        (
+            "model.family=pony",
+            r"Pony is a base of family sdxl; set model\.family=sdxl .*base_label=\"Pony\"",
+        ),
+        (
+            "model.base_label=Illustrious",
+            r"Illustrious.* is a base of family sdxl but model\.family is sd1",
+        ),
     ],
 )
 def test_bad_values_are_named(tmp_path, override, message):
-    path = write(tmp_path, '[dataset]\npath = "x"\ntrigger = "zk"\n')
+    path = write(tmp_path, '[dataset]\npath = "x"\ntrigger = "zk"\n[model]\nfamily = "sd1"\n')
+    if override.startswith("model.family"):
+        path = write(tmp_path, '[dataset]\npath = "x"\ntrigger = "zk"\n')
     with pytest.raises(SdloraError, match=message):
         load_config(path, [override])
 

@@ -215,7 +215,7 @@ def test_inspect_reports_family_counts_triggers_and_hashes(tmp_path, capsys):
     assert info["ranks"] == [4] and info["alphas"] == [2.0]
     # tiny SDXL: 28 transformer blocks (depths 1, 2, 3) x 8 attention projections
     assert info["modules"] == {"unet": 224, "text_encoder": 8, "text_encoder_2": 12}
-    assert info["trigger_words"] == ["zkfoo"]
+    assert info["trigger_words"] == ["zkfoo"] and info["base_label"] == ""
     assert info["hashes"]["autov2"] == hashlib.sha256(path.read_bytes()).hexdigest()[:10]
     assert info["hashes"]["autov3"] == info["metadata"]["sshs_model_hash"][:12]
     # A third-party diffusers file without metadata: family from structure, hashes computed.
@@ -223,6 +223,23 @@ def test_inspect_reports_family_counts_triggers_and_hashes(tmp_path, capsys):
     info = inspect_lora(plain)
     assert info["family"] == "sdxl" and info["format"] == "diffusers"
     assert info["hashes"]["autov3"] and info["trigger_words"] == []
+
+
+def test_the_base_label_is_recorded_beside_the_sd_scripts_values_and_inspect_shows_it(
+    tmp_path, capsys
+):
+    from sdlora.cli import main
+
+    meta = build_metadata(family="sdxl", title="t", rank=4, alpha=2, trigger_words=["zk"],
+                          resolution=1024, base_label="pony")  # fmt: skip
+    assert meta["ss_base_model_label"] == "Pony"  # Civitai's spelling
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    path = save_kohya(tmp_path / "x.safetensors", random_lora("sdxl"), "sdxl", meta)
+    assert main(["inspect", str(path)]) == 0
+    assert "base model:  Pony" in capsys.readouterr().out
+    # a file whose only word on its base is the label: SDXL, as Pony is
+    assert detect_lora_family(Lora({}, metadata={"ss_base_model_label": "Pony"})).family == "sdxl"
 
 
 def test_trigger_words_fall_back_to_tags_in_every_caption():

@@ -6,11 +6,11 @@ import pytest
 import safetensors.torch
 import torch
 from diffusers import UNet2DConditionModel
-from ldm_layout import sd_to_single_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from sdlora.errors import SdloraError
 from sdlora.export import save_lora
+from sdlora.ldm import to_single_file
 from sdlora.lora import (
     TEXT_ENCODER_ATTENTION,
     UNET_ATTENTION,
@@ -35,7 +35,7 @@ def tiny_checkpoint(tmp_path_factory):
     """tiny:sd1 written as an original single-file checkpoint, plus its config folder."""
     root = tmp_path_factory.mktemp("single")
     parts = tiny_components("sd1")
-    safetensors.torch.save_file(sd_to_single_file(parts), root / "tiny-sd1.safetensors")
+    safetensors.torch.save_file(to_single_file("sd1", parts), root / "tiny-sd1.safetensors")
     Base(name="tiny", family="sd1", **parts).pipeline().save_pretrained(root / "config")
     for weights in (root / "config").rglob("*.safetensors"):
         weights.unlink()  # a config folder holds configs and tokenizers only

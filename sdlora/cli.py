@@ -131,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=512, help="training resolution (512)")
     p.add_argument("--caption-ext", default=".txt", help="caption file extension (.txt)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--follow-external-links",
+        action="store_true",
+        help="use symbolic links leading outside the folder (dataset.follow_external_links)",
+    )
 
     p = sub.add_parser("caption", help="write caption files for images that have none")
     p.add_argument("dir", type=Path, help="folder of training images")
@@ -327,7 +332,13 @@ def cmd_check(args) -> int:
         raise SdloraError(
             f"--resolution must be a multiple of 64 (32 for micro), got {args.resolution}"
         )
-    scan = scan_folder(args.dir, args.trigger, args.resolution, caption_ext=args.caption_ext)
+    scan = scan_folder(
+        args.dir,
+        args.trigger,
+        args.resolution,
+        caption_ext=args.caption_ext,
+        follow_external_links=args.follow_external_links,
+    )
     data = report(scan)
     print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else format_report(data))
     return 0 if data["trainable"] else 2

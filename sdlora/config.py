@@ -104,6 +104,8 @@ class DatasetConfig:
     """Encode each image with the VAE once (per bucket and flip) instead of every step."""
     cache_dir: str = ""
     """Folder keeping latents between runs (never inside dataset.path); empty: memory only."""
+    follow_external_links: bool = False
+    """Use symbolic links that lead outside dataset.path (never into /proc, /sys, /dev)."""
 
     def __post_init__(self):
         if not self.path:

@@ -4,10 +4,13 @@ The user's folder is only ever read. A file that cannot be used is skipped and r
 name with a reason; it never stops the scan. Everything here runs before any model loads.
 
 Scan rules: image extensions are matched case-insensitively (`.JPG` counts once, as `.jpg`);
-dotfiles, `__MACOSX`, `Thumbs.db`, `desktop.ini` and non-image files are ignored; the order is
-sorted by path; symbolic links are followed, each real folder once (loops end). A sub-folder
-named `N_name` (sd-scripts' convention, e.g. `10_forest`) repeats its images N times per epoch.
-Animated GIF/WebP: the first frame is used, with a warning.
+dotfiles, `__MACOSX`, `Thumbs.db`, `desktop.ini` and non-image files are ignored; image formats
+that are not read (`.psd`, `.heic`, ...) are skipped by name; only regular files are opened
+(a named pipe would block the scan forever); the order is sorted by path. Symbolic links are
+followed inside the folder, each real folder once (loops end); links that lead outside it are
+skipped unless `follow_external_links`, and never followed into /proc, /sys or /dev. A
+sub-folder named `N_name` (sd-scripts' convention, e.g. `10_forest`) repeats its images N
+times per epoch. Animated GIF/WebP: the first frame is used, with a warning.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 import os
 import random
 import re
+import unicodedata
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,7 +45,16 @@ from sdlora.captions import (
     split_tags,
     template_caption,
 )
-from sdlora.decode import DEFAULT_MAX_PIXELS, EXTENSION_FORMATS, ImageProblem, open_rgb
+from sdlora.decode import (
+    DEFAULT_MAX_PIXELS,
+    EXTENSION_FORMATS,
+    UNSUPPORTED_EXTENSIONS,
+    UNSUPPORTED_REASON,
+    ImageProblem,
+    not_regular,
+    open_rgb,
+    read_regular,
+)
 from sdlora.errors import SdloraError
 
 IMAGE_EXTENSIONS = tuple(EXTENSION_FORMATS)
@@ -53,6 +66,11 @@ EPOCH_TARGET = 100
 SMALL_FACTOR = 2.0
 """An image enlarged more than this to fill its bucket is "too small" (< half the resolution)."""
 PREFLIGHT_WORKERS = 4
+SYSTEM_FOLDERS = ("/proc", "/sys", "/dev")
+"""Never followed into, whatever the settings: their files are endless, blocking or live."""
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
 
 
 @dataclass(frozen=True)
@@ -82,6 +100,7 @@ class Scan:
     resolution: int
     background: tuple[int, int, int] = (255, 255, 255)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    follow_external_links: bool = False
     examples: list[Example] = field(default_factory=list)
     skipped: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
@@ -89,9 +108,16 @@ class Scan:
     def require_examples(self) -> None:
         """Raise the user-facing error when nothing in the folder can be trained on."""
         if not self.examples:
-            detail = f" ({len(self.skipped)} skipped; run `sdlora check`)" if self.skipped else ""
+            detail = ""
+            if self.skipped:
+                first = "; ".join(
+                    f"{printable(_rel(p.path, self.root))}: {printable(p.reason)}"
+                    for p in self.skipped[:2]
+                )
+                more = ", ..." if len(self.skipped) > 2 else ""
+                detail = f" ({len(self.skipped)} skipped: {first}{more}; `sdlora check` lists all)"
             raise SdloraError(
-                f"dataset folder {self.root} has no usable images{detail}; "
+                f"dataset folder {printable(str(self.root))} has no usable images{detail}; "
                 f"add {'/'.join(IMAGE_EXTENSIONS)} files"
             )
 
@@ -121,12 +147,14 @@ def scan_folder(
     small_images: str = "skip",
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    follow_external_links: bool = False,
 ) -> Scan:
     """Find, fully decode and caption every image under `root` (preflight; reads only).
 
     `repeats`: times per epoch for images outside `N_name` folders; 0 chooses it from the image
     count (`auto_repeats`). `small_images`: `skip` or `upscale` images that would be enlarged
-    more than 2x to fill their bucket.
+    more than 2x to fill their bucket. `follow_external_links`: use symbolic links that lead
+    outside `root` (never into /proc, /sys, /dev).
     """
     root = Path(root)
     if not root.is_dir():
@@ -135,8 +163,8 @@ def scan_folder(
         template_caption(caption_template, trigger)
     except ValueError as e:
         raise SdloraError(f"dataset.caption_template: {e}") from None
-    scan = Scan(root=root, resolution=resolution, background=background, max_pixels=max_pixels)
-    files, listings = walk_images(root, scan.skipped)
+    scan = Scan(root, resolution, background, max_pixels, follow_external_links)
+    files, listings = walk_images(root, scan.skipped, follow_external_links)
     with ThreadPoolExecutor(PREFLIGHT_WORKERS) as pool:  # decoders release the GIL
         inspected = list(pool.map(lambda f: _inspect(*f, background, max_pixels), files))
     bucket_list = make_buckets(resolution, buckets)
@@ -201,19 +229,24 @@ def scan_folder(
 
 
 def walk_images(
-    root: Path, problems: list[Problem] | None = None
+    root: Path, problems: list[Problem] | None = None, follow_external_links: bool = False
 ) -> tuple[list[tuple[Path, int]], dict[Path, dict[str, str]]]:
     """(image path, folder repeats) in sorted order, and each folder's {lowercase name: name}.
 
-    Folders that cannot be listed are added to `problems`.
+    Folders that cannot be listed, links not followed, image files that are not regular files
+    and image formats that are not read are added to `problems`.
     """
     files: list[tuple[Path, int]] = []
     listings: dict[Path, dict[str, str]] = {}
     visited: set[tuple[int, int]] = set()
+    real_root = Path(os.path.realpath(root))
+
+    def skip(path: Path, reason: str) -> None:
+        if problems is not None:
+            problems.append(Problem(path, reason))
 
     def unreadable(error: OSError) -> None:
-        if problems is not None:
-            problems.append(Problem(Path(error.filename), f"unreadable folder: {error.strerror}"))
+        skip(Path(error.filename), f"unreadable folder: {error.strerror}")
 
     for folder, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         folder_path = Path(folder)
@@ -222,14 +255,67 @@ def walk_images(
             dirnames.clear()
             continue
         visited.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+        dirnames[:] = [
+            d
+            for d in sorted(dirnames)
+            if not _ignored(d)
+            and not _refused_link(folder_path / d, real_root, follow_external_links, skip)
+        ]
         names = sorted(n for n in filenames if not _ignored(n))
         listings[folder_path] = {n.lower(): n for n in names}
         repeats = _folder_repeats(folder_path.relative_to(root))
         for name in names:
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                files.append((folder_path / name, repeats))
+            path, suffix = folder_path / name, Path(name).suffix.lower()
+            if suffix in UNSUPPORTED_EXTENSIONS:
+                skip(path, f"{UNSUPPORTED_REASON} ({suffix} is not read)")
+            elif suffix in IMAGE_EXTENSIONS:
+                if _refused_link(path, real_root, follow_external_links, skip):
+                    continue
+                reason = _not_regular(path)
+                if reason:
+                    skip(path, reason)
+                else:
+                    files.append((path, repeats))
     return files, listings
+
+
+def link_problem(path: Path, real_root: Path, follow_external_links: bool) -> str | None:
+    """Why the symbolic link `path` is not followed, or None (not a link, or allowed).
+
+    Links inside the dataset folder are followed; those leading out of it only when allowed,
+    and never into /proc, /sys or /dev.
+    """
+    if not path.is_symlink():
+        return None
+    target = Path(os.path.realpath(path))
+    if target.is_relative_to(real_root):
+        return None
+    shown = printable(str(target))
+    for system in SYSTEM_FOLDERS:
+        if target.is_relative_to(system):
+            return f"link into {system} ({shown}): system folders are never read"
+    if follow_external_links:
+        return None
+    return (
+        f"link leads outside the dataset folder (to {shown}); "
+        "set dataset.follow_external_links=true to use it"
+    )
+
+
+def _refused_link(path: Path, real_root: Path, follow: bool, skip) -> bool:
+    reason = link_problem(path, real_root, follow)
+    if reason:
+        skip(path, reason)
+    return reason is not None
+
+
+def _not_regular(path: Path) -> str | None:
+    """The reason `path` (a FIFO, socket, device) is not opened; None for a regular file or
+    one whose stat fails (reading it then gives the reason: a broken link, a link loop)."""
+    try:
+        return not_regular(path.stat().st_mode)
+    except OSError:
+        return None
 
 
 def _ignored(name: str) -> bool:
@@ -248,8 +334,8 @@ def _folder_repeats(relative: Path) -> int:
 def _inspect(path: Path, repeats: int, background, max_pixels: int) -> _Inspected:
     item = _Inspected(path, repeats)
     try:
-        data = path.read_bytes()
-        decoded = open_rgb(path, background, max_pixels)
+        data = read_regular(path)
+        decoded = open_rgb(path, background, max_pixels, data)
     except ImageProblem as e:
         item.problem = e.reason
         return item
@@ -279,10 +365,19 @@ def _caption(path, listing, caption_ext, trigger, scan, sidecar_users) -> str | 
         other = sidecar_users[sidecar].name
         scan.warnings.append(Problem(path, f"shares the caption {sidecar.name} with {other}"))
     sidecar_users.setdefault(sidecar, path)
+    real_root = Path(os.path.realpath(scan.root))
+    refused = link_problem(sidecar, real_root, scan.follow_external_links)
+    refused = refused or _not_regular(sidecar)
+    if refused:
+        scan.warnings.append(Problem(sidecar, f"caption not read: {refused}"))
+        return None
     try:
         caption = read_caption_file(sidecar)
     except CaptionProblem as e:
         scan.warnings.append(Problem(sidecar, e.reason))
+        return None
+    except OSError as e:
+        scan.warnings.append(Problem(sidecar, f"caption unreadable: {e.strerror or e}"))
         return None
     if not caption:
         scan.warnings.append(Problem(sidecar, "caption file is empty"))
@@ -341,26 +436,49 @@ def steps_per_epoch(scan: Scan, batch_size: int, grad_accum: int = 1, processes:
 def epoch_plan(
     scan: Scan, steps: int, batch_size: int, grad_accum: int = 1, processes: int = 1
 ) -> str:
-    """One line: images, repeats, images per epoch, steps and the epochs they make."""
+    """One line: images, repeats, images per epoch, steps and the epochs they make; then the
+    `batch_warning`, if any, after `; `."""
     per_epoch = sum(e.repeats for e in scan.examples)
     repeats = sorted({e.repeats for e in scan.examples})
     shown = str(repeats[0]) if len(repeats) == 1 else f"{repeats[0]}-{repeats[-1]}"
     epoch_steps = steps_per_epoch(scan, batch_size, grad_accum, processes)
-    return (
+    plan = (
         f"{len(scan.examples)} images x {shown} repeats = {per_epoch} per epoch "
         f"({epoch_steps} steps of batch {batch_size * grad_accum * processes}); "
         f"{steps} steps = {steps / epoch_steps:.1f} epochs"
+    )
+    warning = batch_warning(scan, batch_size, grad_accum)
+    return f"{plan}; {warning}" if warning else plan
+
+
+def batch_warning(scan: Scan, batch_size: int, grad_accum: int = 1) -> str | None:
+    """The warning when no bucket holds `batch_size` images per epoch, so every batch is short
+    (a batch never mixes buckets or epochs); None when some batch can be full."""
+    per_bucket = Counter()
+    for e in scan.examples:
+        per_bucket[e.bucket] += e.repeats
+    largest = max(per_bucket.values(), default=0)
+    if not largest or largest >= batch_size:
+        return None
+    where = "an epoch holds" if len(per_bucket) == 1 else "the fullest bucket holds"
+    accum = f" x grad_accum {grad_accum} = {largest * grad_accum}" if grad_accum > 1 else ""
+    return (
+        f"warning: train.batch_size={batch_size} but {where} only {largest} images, so the "
+        f"effective batch size is {largest}{accum}; lower train.batch_size or raise "
+        "dataset.repeats"
     )
 
 
 def summarise_problems(scan: Scan, limit: int = 3) -> list[str]:
     """Report lines: every skipped file; warnings with the same reason grouped past `limit`."""
-    lines = [f"skipped {_rel(p.path, scan.root)}: {p.reason}" for p in scan.skipped]
+    lines = [
+        f"skipped {printable(_rel(p.path, scan.root))}: {printable(p.reason)}" for p in scan.skipped
+    ]
     groups: dict[str, list[Path]] = {}
     for p in scan.warnings:
-        groups.setdefault(p.reason, []).append(p.path)
+        groups.setdefault(printable(p.reason), []).append(p.path)
     for reason, paths in groups.items():
-        names = [_rel(path, scan.root) for path in paths]
+        names = [printable(_rel(path, scan.root)) for path in paths]
         if len(names) > limit:
             shown = ", ".join(names[:limit])
             lines.append(f"warning: {reason} ({len(names)} files: {shown}, ...)")
@@ -412,3 +530,18 @@ def _rel(path: Path, root: Path) -> str:
         return str(path.relative_to(root))
     except ValueError:
         return str(path)
+
+
+def printable(text: str) -> str:
+    """`text` safe to print on one line: control characters, bidi overrides and bytes that are
+    not UTF-8 (a file name's) escaped as `\\n`, `\\u202e`, `\\xff`; other characters kept."""
+    out = []
+    for c in text:
+        code = ord(c)
+        if 0xDC80 <= code <= 0xDCFF:  # an undecodable byte of a file name (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif c in BIDI_CONTROLS or unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp"):
+            out.append(c.encode("unicode_escape", "backslashreplace").decode("ascii"))
+        else:
+            out.append(c)
+    return "".join(out)

@@ -11,7 +11,9 @@ before the pixels are decoded.
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,15 @@ DEFAULT_MAX_PIXELS = 100_000_000
 """About 10000 x 10000: far above any training image, far below what exhausts memory."""
 
 # Pillow's format names for the allowlisted extensions.
-FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP", "GIF": "GIF", "MPO": "JPEG"}
+FORMATS = {
+    "JPEG": "JPEG",
+    "PNG": "PNG",
+    "WEBP": "WebP",
+    "BMP": "BMP",
+    "GIF": "GIF",
+    "MPO": "JPEG",
+    "TIFF": "TIFF",
+}
 EXTENSION_FORMATS = {
     ".jpg": "JPEG",
     ".jpeg": "JPEG",
@@ -34,9 +44,30 @@ EXTENSION_FORMATS = {
     ".webp": "WebP",
     ".bmp": "BMP",
     ".gif": "GIF",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
 }
+UNSUPPORTED_EXTENSIONS = frozenset(
+    # Image formats people keep beside their training images that are not read: named in the
+    # report rather than silently ignored. Editors' layered files, camera raw, HDR, and newer
+    # codecs whose Pillow support depends on how Pillow was built.
+    ".psd .psb .xcf .kra .ora .clip .afphoto .ai .eps .svg .pdf "
+    ".fits .fit .fts .exr .hdr .pfm .dds .tga .ico .icns .pcx .ppm .pgm .pbm .pnm "
+    ".avif .heic .heif .jxl .jp2 .j2k .jpf .jpx .jxr .wdp "
+    ".dng .cr2 .cr3 .crw .nef .nrw .arw .srf .sr2 .orf .rw2 .raf .pef .srw .x3f .raw".split()
+)
+UNSUPPORTED_REASON = "format not supported: convert to PNG or JPEG"
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+
+
+FILE_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFDIR: "a folder",
+}
 
 
 class ImageProblem(Exception):
@@ -68,20 +99,46 @@ def parse_colour(text: str) -> tuple[int, int, int]:
     return colour[:3]
 
 
+def not_regular(mode: int) -> str | None:
+    """The skip reason for a file of `mode` (from stat) that is not a regular file, else None."""
+    if stat.S_ISREG(mode):
+        return None
+    kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return f"not a regular file: {kind}; only regular files are read"
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of `path`, refusing anything but a regular file before reading from it.
+
+    Opened without blocking, so a named pipe with no writer cannot stall the scan, and checked
+    on the open descriptor, so a file swapped for a pipe after the scan's listing is caught too.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as file:
+        reason = not_regular(os.fstat(fd).st_mode)
+        if reason:
+            raise ImageProblem(reason)
+        return file.read()
+
+
 def open_rgb(
     path: Path,
     background: tuple[int, int, int] = (255, 255, 255),
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    data: bytes | None = None,
 ) -> Decoded:
-    """Fully decode `path` into 8-bit RGB; raises ImageProblem with a reason otherwise."""
-    if path.stat().st_size == 0:
+    """Fully decode `path` (or `data`, its bytes already read) into 8-bit RGB; raises
+    ImageProblem with a reason otherwise, OSError when the file cannot be read."""
+    if data is None:
+        data = read_regular(path)
+    if not data:
         raise ImageProblem("unreadable: empty (0-byte) file")
     if Image.MAX_IMAGE_PIXELS and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
         Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow refuses at twice its limit; ours governs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data))
         except Image.DecompressionBombError as e:  # over Pillow's own, higher limit
             declared = re.search(r"\((\d+) pixels\)", str(e))
             pixels = int(declared.group(1)) if declared else None
@@ -128,7 +185,8 @@ def _too_many_pixels(path: Path, pixels: int | None, max_pixels: int) -> str:
 def _is_sixteen_bit(img: Image.Image) -> bool:
     if img.mode in SIXTEEN_BIT_MODES:
         return True
-    rawmode = img.tile[0].args if img.tile else None
+    args = img.tile[0].args if img.tile else None
+    rawmode = args[0] if isinstance(args, tuple) and args else args  # TIFF: (rawmode, ...)
     return isinstance(rawmode, str) and ";16" in rawmode
 
 

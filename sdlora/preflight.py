@@ -1,6 +1,8 @@
 """The `sdlora check` report: per-file status, counts, aspect ratios and buckets of a scan.
 
-`report(scan)` is a plain dict (the `--json` output); `format_report` is its text form.
+`report(scan)` is a plain dict (the `--json` output); `format_report` is its text form. File
+names and reasons are escaped (`printable`) in both, so a newline or a byte that is not UTF-8 in
+a name keeps the text one line per file and the JSON printable.
 """
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
-from sdlora.dataset import Scan, epoch_plan
+from sdlora.dataset import IMAGE_EXTENSIONS, Scan, epoch_plan, printable
 
 DEFAULT_STEPS = 1000  # the steps the guidance line assumes (train.steps' default)
 
@@ -26,20 +28,21 @@ def report(scan: Scan, steps: int = DEFAULT_STEPS, batch_size: int = 1) -> dict:
             "reasons": [],
         }
     for problem in scan.skipped:
-        files[_name(problem.path, scan)] = {"status": "skipped", "reasons": [problem.reason]}
+        reasons = [printable(problem.reason)]
+        files[_name(problem.path, scan)] = {"status": "skipped", "reasons": reasons}
     for problem in scan.warnings:
         entry = files.setdefault(_name(problem.path, scan), {"status": "ok", "reasons": []})
-        entry["reasons"].append(problem.reason)
+        entry["reasons"].append(printable(problem.reason))
         if entry["status"] == "ok":
             entry["status"] = "warning"
     ratios = [w / h for w, h in (e.size for e in scan.examples)]
     return {
-        "folder": str(scan.root),
+        "folder": printable(str(scan.root)),
         "resolution": scan.resolution,
         "trainable": bool(scan.examples),
         "usable": len(scan.examples),
-        "skipped": [{"file": _name(p.path, scan), "reason": p.reason} for p in scan.skipped],
-        "warnings": [{"file": _name(p.path, scan), "reason": p.reason} for p in scan.warnings],
+        "skipped": [_problem(p, scan) for p in scan.skipped],
+        "warnings": [_problem(p, scan) for p in scan.warnings],
         "files": [{"file": name, **files[name]} for name in sorted(files)],
         "aspect_ratios": {
             "portrait": sum(r < 0.95 for r in ratios),
@@ -75,8 +78,12 @@ def format_report(data: dict) -> str:
         lines.append(f"buckets: {buckets}")
         lines.append(f"at train.steps={DEFAULT_STEPS}, batch 1: {data['plan']}")
         lines.append("trainable: yes")
-    else:
+    elif data["files"]:
         lines.append("trainable: no usable image (see the reasons above)")
+    else:
+        lines.append(
+            f"trainable: no usable image: no image files found ({', '.join(IMAGE_EXTENSIONS)})"
+        )
     return "\n".join(lines)
 
 
@@ -88,10 +95,14 @@ def display_width(text: str) -> int:
     )
 
 
+def _problem(problem, scan: Scan) -> dict:
+    return {"file": _name(problem.path, scan), "reason": printable(problem.reason)}
+
+
 def _name(path: Path, scan: Scan) -> str:
     if path == scan.root:
         return "."
     try:
-        return str(path.relative_to(scan.root))
+        return printable(str(path.relative_to(scan.root)))
     except ValueError:
-        return str(path)
+        return printable(str(path))

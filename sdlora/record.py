@@ -65,6 +65,7 @@ class RunRecord:
             trigger_words=[c.dataset.trigger],
             resolution=c.dataset.resolution,
             base_name=self.base_name,
+            base_label=c.model.base_label,
             tag_frequency=tag_frequency(self.scan),
             training=self.training_metadata(at_step, steps),
         )

@@ -17,7 +17,8 @@ from diffusers.training_utils import cast_training_params
 from tqdm.auto import tqdm
 
 from sdlora.buckets import bucket_batches
-from sdlora.cache import LatentCache, TextCache
+from sdlora.bundle import write_bundle
+from sdlora.cache import LatentCache, TextCache, text_fingerprint
 from sdlora.captions import augment_caption
 from sdlora.checkpoint import (
     Interrupted,
@@ -145,6 +146,9 @@ def train(
     text_for = TextCache(
         lambda captions: encode_text(base, captions, device, encoders, c_train.clip_skip),
         not train_te,
+        cache_dir=cache_dir,
+        fingerprint=text_fingerprint(base, c_train.clip_skip) if cache_dir else None,
+        device=device,
     )
 
     # Prior preservation: the base's own images for the captions without the trigger.
@@ -234,6 +238,8 @@ def train(
             if config.sample.report_images:  # learned, and only behind the trigger?
                 learning = final_report(base, config, run_dir, scan, latents, device)
                 say(summary(learning))
+            if c_out.bundle:  # ready to publish: previews, model card, civitai.json
+                say(f"bundle:  {write_bundle(run_dir, overwrite=True, device=c_train.device)}")
     accelerator.wait_for_everyone()
     return TrainResult(run_dir, lora_path, base, samples, losses, scan.skipped, learning, main)
 
@@ -289,6 +295,7 @@ def scan_dataset(c_data: DatasetConfig) -> Scan:
         small_images=c_data.small_images,
         background=parse_colour(c_data.background),
         max_pixels=c_data.max_pixels,
+        follow_external_links=c_data.follow_external_links,
     )
 
 

@@ -42,6 +42,7 @@ def tiny_overrides(dataset: Path, out: Path, steps: int = 3) -> list[str]:
         "sample.steps=2",
         "sample.report_images=2",
         'sample.prompts=["{trigger}, a circle"]',
+        "output.bundle=false",  # the tests of the bundle turn it on
     ]
 
 

@@ -45,6 +45,35 @@ def bomb_png(width=20000, height=20000) -> bytes:
     )
 
 
+def rgb48_tiff(array: np.ndarray) -> bytes:
+    """An uncompressed big-endian TIFF of a (H, W, 3) uint16 array (16 bits per channel),
+    which Pillow reads but cannot write."""
+    h, w, _ = array.shape
+    pixels = array.astype(">u2").tobytes()
+    count = 10
+    bits_at = 8 + 2 + 12 * count + 4  # after the header and the one directory
+    data_at = bits_at + 6
+    entries = [  # tag, type (3 short, 4 long), count, value or offset
+        (256, 3, 1, w),  # width
+        (257, 3, 1, h),  # height
+        (258, 3, 3, bits_at),  # bits per sample: 16, 16, 16
+        (259, 3, 1, 1),  # no compression
+        (262, 3, 1, 2),  # RGB
+        (273, 4, 1, data_at),  # strip offset
+        (277, 3, 1, 3),  # samples per pixel
+        (278, 3, 1, h),  # rows per strip
+        (279, 4, 1, len(pixels)),  # strip bytes
+        (284, 3, 1, 1),  # chunky planar configuration
+    ]
+    out = b"MM\x00\x2a" + struct.pack(">IH", 8, count)
+    for tag, kind, n, value in entries:
+        if kind == 3 and n == 1:
+            out += struct.pack(">HHIHH", tag, kind, n, value, 0)
+        else:
+            out += struct.pack(">HHII", tag, kind, n, value)
+    return out + struct.pack(">I", 0) + struct.pack(">HHH", 16, 16, 16) + pixels
+
+
 def swapped_profile() -> bytes:
     """An ICC profile like sRGB but with the red and green primaries swapped."""
     data = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
@@ -122,11 +151,23 @@ def make_messy(folder: Path) -> dict:
     w("animated.webp", _encoded(frames[0].rotate(90), "WEBP", **webp))
     grey_alpha = Image.merge("LA", [Image.new("L", (64, 64), 0), Image.new("L", (64, 64), 0)])
     w("grey_alpha.png", _encoded(grey_alpha, "PNG"))  # black, fully transparent
+    w("photo.TIF", _encoded(_pattern(seed=19), "TIFF"))
+    grey16_tiff = Image.fromarray(np.full((64, 64), 16384, np.uint16))  # a quarter of white
+    w("grey16.tif", _encoded(grey16_tiff, "TIFF"))
+    deep = np.zeros((64, 64, 3), np.uint16)
+    deep[..., 0], deep[..., 1] = 65535, 32768  # full red, half green, no blue, 16 bits each
+    w("deep.tiff", rgb48_tiff(deep))
+
+    # Image formats that are not read: named, never silently ignored.
+    w("layers.psd", b"8BPS\x00\x01" + b"\x00" * 64)
+    w("phone.HEIC", b"\x00\x00\x00\x18ftypheic" + b"\x00" * 32)
+    w("sky.fits", b"SIMPLE  =                    T" + b" " * 50)
 
     # Ignored entirely.
     w(".hidden.png", _encoded(_pattern(seed=17), "PNG"))
     w("Thumbs.db", b"\x00" * 16)
     w("readme.md", b"# my set\n")
+    w("meta.json", b"{}")
     (folder / "__MACOSX").mkdir()
     (folder / "__MACOSX" / "._good.png").write_bytes(b"\x00\x05\x16\x07")
 
@@ -146,6 +187,9 @@ def make_messy(folder: Path) -> dict:
         "one_pixel.png": "too small",
         "copy_two.png": "duplicate of copy_one.png",
         "self_link.png": "symbolic links",
+        "layers.psd": "format not supported: convert to PNG or JPEG",
+        "phone.HEIC": "format not supported",
+        "sky.fits": "format not supported",
     }
     warnings = {
         "cp1252.txt": "not UTF-8",
@@ -158,6 +202,8 @@ def make_messy(folder: Path) -> dict:
         "animated.gif": "animated (3 frames)",
         "animated.webp": "animated (3 frames)",
         "grey_alpha.png": "transparency",
+        "grey16.tif": "16-bit",
+        "deep.tiff": "16-bit",
         "bad_profile.png": "colour profile unreadable",
         "good.png": "lacks the trigger",
     }
@@ -185,6 +231,9 @@ def make_messy(folder: Path) -> dict:
         "grey_alpha.png",
         "wide_gamut.png",
         "bad_profile.png",
+        "photo.TIF",
+        "grey16.tif",
+        "deep.tiff",
         "3_extra/inner.png",
     }
     return {"skipped": skipped, "warnings": warnings, "usable": usable}

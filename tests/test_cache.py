@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 from PIL import Image
 
 from sdlora.buckets import batches_per_epoch, bucket_batches
-from sdlora.cache import LatentCache, TextCache
+from sdlora.cache import LatentCache, TextCache, text_fingerprint, vae_fingerprint
 from sdlora.dataset import scan_folder
 from sdlora.models import load_base
 
@@ -32,7 +39,7 @@ def test_latents_are_cached_per_content_and_flip_and_reused_from_disk(tmp_path):
     assert cache.hits == 1 and latent.shape == (1, 4, 8, 8) and crop == (0, 0)
     flipped, _ = cache.get(scan.examples[0], flip=True)
     assert not torch.equal(latent, flipped)
-    assert len(list((tmp_path / "cache").iterdir())) == 4
+    assert len(list((tmp_path / "cache" / "latents").iterdir())) == 4
 
     # A second run reads the folder; an edited image gets a fresh entry.
     Image.new("RGB", (64, 64), "green").save(folder / "square.png")
@@ -68,6 +75,113 @@ def test_text_cache_encodes_each_caption_once():
     a, _ = cache(["x", "y", "x"])
     b, _ = cache(["y", "x"])
     assert calls == [["x", "y"]] and torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])
+
+
+def cache_run(folder, cache_dir, base_name: str) -> dict:
+    """One run's caching, as train() does it: every latent, then every caption's encoding."""
+    from sdlora.train import encode_text
+
+    folder, cache_dir, base = Path(folder), Path(cache_dir), load_base(base_name)
+    scan = scan_folder(folder, "zk", resolution=64)
+    latents = LatentCache(base.vae, scan, "cpu", cache_dir)
+    latents.fill(scan.examples, (False, True))
+    encoded = []
+
+    def encode(captions):
+        encoded.extend(captions)
+        return encode_text(base, captions, "cpu")
+
+    text = TextCache(encode, cache_dir=cache_dir, fingerprint=text_fingerprint(base), device="cpu")
+    hidden, pooled = text([e.caption for e in scan.examples])
+    return {
+        "latent_misses": latents.misses,
+        "latent_disk_hits": latents.disk_hits,
+        "latents": [latents.get(e)[0].sum().item() for e in scan.examples],
+        "encoded": encoded,
+        "text_disk_hits": text.disk_hits,
+        "hidden": hidden.sum(dim=(1, 2)).tolist(),
+        "pooled": None if pooled is None else pooled.sum(dim=1).tolist(),
+    }
+
+
+CHILD = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from test_cache import cache_run
+print(json.dumps(cache_run(*sys.argv[2:])))
+"""
+
+
+def test_another_process_reuses_every_cached_latent_and_caption(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / "wide.txt").write_text("a ramp")
+    (folder / "square.txt").write_text("a blue square")
+    cache_dir = tmp_path / "cache"
+    first = cache_run(folder, cache_dir, "tiny:sd1")
+    assert (first["latent_misses"], first["latent_disk_hits"]) == (4, 0)
+    assert first["encoded"] == ["zk, a blue square", "zk, a ramp"]
+    latent_files = sorted((cache_dir / "latents").iterdir())
+    assert len(latent_files) == 4 and len(list((cache_dir / "text").iterdir())) == 2
+
+    # Another process (its own hash seed, so its own set orders): the same keys are found;
+    # only the edited caption is encoded.
+    (folder / "wide.txt").write_text("a dark ramp")
+    here = str(Path(__file__).parent)
+    command = [sys.executable, "-c", CHILD, here, str(folder), str(cache_dir), "tiny:sd1"]
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    again = json.loads(result.stdout.splitlines()[-1])
+    assert (again["latent_misses"], again["latent_disk_hits"]) == (0, 4)
+    assert sorted((cache_dir / "latents").iterdir()) == latent_files
+    assert again["latents"] == first["latents"]
+    assert again["encoded"] == ["zk, a dark ramp"] and again["text_disk_hits"] == 1
+    assert again["hidden"][0] == first["hidden"][0]  # square.png's, read back from disk
+    assert len(list((cache_dir / "text").iterdir())) == 3
+
+
+def test_sdxl_text_outputs_come_back_from_disk_with_their_pooled_embeddings(tmp_path):
+    from sdlora.train import encode_text
+
+    base = load_base("tiny:sdxl")
+    captions = ["zk, a ramp", "zk, a square"]
+    fingerprint = text_fingerprint(base)
+    first = TextCache(
+        lambda c: encode_text(base, c, "cpu"), cache_dir=tmp_path, fingerprint=fingerprint
+    )
+    hidden, pooled = first(captions)
+    second = TextCache(None, cache_dir=tmp_path, fingerprint=fingerprint)  # never encodes
+    again_hidden, again_pooled = second(captions[::-1])
+    assert second.disk_hits == 2 and pooled.shape == again_pooled.shape == (2, 32)
+    assert torch.equal(again_hidden, hidden.flip(0)) and torch.equal(again_pooled, pooled.flip(0))
+    other = TextCache(None, cache_dir=tmp_path, fingerprint=text_fingerprint(load_base("tiny:sd1")))
+    with pytest.raises(TypeError):  # another base's fingerprint finds nothing: it must encode
+        other(captions)
+
+
+def test_fingerprints_ignore_private_config_keys_and_follow_the_weights():
+    base = load_base("tiny:sd1")
+    before_vae, before_text = vae_fingerprint(base.vae), text_fingerprint(base)
+    base.vae.register_to_config(_use_default_values=["b", "a"], _name_or_path="elsewhere")
+    assert vae_fingerprint(base.vae) == before_vae
+    assert text_fingerprint(base, clip_skip=2) != before_text
+    with torch.no_grad():
+        next(base.text_encoder.parameters()).view(-1)[0] += 1
+    assert text_fingerprint(base) != before_text
+    assert text_fingerprint(load_base("tiny:sd2")) != before_text
+
+
+def test_a_trained_text_encoder_is_neither_cached_nor_stored(tmp_path):
+    calls = []
+
+    def encode(captions):
+        calls.append(list(captions))
+        return torch.randn(len(captions), 77, 8), None
+
+    cache = TextCache(encode, False, cache_dir=tmp_path, fingerprint="f")
+    cache(["x"])
+    cache(["x"])
+    assert calls == [["x"], ["x"]] and not (tmp_path / "text").exists()
 
 
 def test_batches_come_from_one_bucket_and_honour_repeats():

@@ -19,12 +19,21 @@ def test_train_writes_exactly_the_run_files(style_dir, tmp_path, capsys):
     out = tmp_path / "run"
     config = tmp_path / "c.toml"
     config.write_text("")
-    assert main(["train", str(config), *tiny_overrides(style_dir, out), "--no-progress"]) == 0
+    overrides = [*tiny_overrides(style_dir, out), "output.bundle=true"]
+    assert main(["train", str(config), *overrides, "--no-progress"]) == 0
     files = _files(out)
     events = [f for f in files if f.startswith("logs/events.out.tfevents")]
     assert len(events) == 1
     assert [f for f in files if f not in events] == [
         "ab_grid.png",
+        "bundle/README.md",
+        "bundle/ab_grid.png",
+        "bundle/civitai.json",
+        "bundle/diffusers/pytorch_lora_weights.safetensors",
+        "bundle/loss.png",
+        "bundle/previews/01_base.png",
+        "bundle/previews/01_lora.png",
+        "bundle/style.safetensors",
         "config.toml",
         "learning_report.json",
         "log.jsonl",

@@ -67,6 +67,7 @@ def test_ignored_files_and_order(messy, scan):
     everything = {str(p.path.relative_to(folder)) for p in scan.skipped + scan.warnings}
     assert not any("hidden" in n or "MACOSX" in n or "Thumbs" in n for n in names)
     assert not any("hidden" in n or "MACOSX" in n or "readme" in n for n in everything)
+    assert not any(n.endswith(".json") for n in everything)
     assert names.count("UPPER.JPG") == 1
     assert not any("loop" in n for n in names)  # the symlink loop is entered once, at most
 
@@ -113,6 +114,11 @@ def test_images_are_normalised(scan):
     _, profiled = _pixels(scan, "wide_gamut.png")
     r, g, b = profiled.mean(dim=(1, 2)).tolist()
     assert g > 200 and r < 30  # converted through its ICC profile to sRGB
+    _, grey_tiff = _pixels(scan, "grey16.tif")
+    assert 58 < grey_tiff.mean() < 70  # 16384 / 65535 of white
+    _, deep = _pixels(scan, "deep.tiff")
+    r, g, b = deep.mean(dim=(1, 2)).tolist()
+    assert r > 250 and 120 < g < 136 and b < 5  # 48-bit RGB TIFF scaled per channel
     _, gif = _pixels(scan, "animated.gif")
     r, g, b = gif.mean(dim=(1, 2)).tolist()
     assert r > 200 and g < 60  # the first frame (red)

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from sdlora.errors import SdloraError
+
+# `sdlora init --family F` starts from configs/F-style.toml.
+INIT_FAMILIES = ("sd15", "sd21-768", "sdxl")
+PACKAGE = Path(__file__).resolve().parent
 
 
 def examples_root() -> Path:
@@ -120,8 +125,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with options allowed anywhere among `section.key=value` overrides."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse hands back the overrides that follow an option as unrecognised.
+    if extra and "overrides" in args and all("=" in a and a[0] != "-" for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """One line per warning: sdlora's own as `sdlora: warning: <text>`; a library's named."""
+    text = " ".join(str(message).split())
+    path = Path(filename).resolve()
+    if not path.is_relative_to(PACKAGE):
+        parts = path.parts
+        origin = parts[parts.index("site-packages") + 1] if "site-packages" in parts else path.stem
+        text = f"{origin}: {text}"
+    print(f"sdlora: warning: {text}", file=sys.stderr)
+
+
+def _run(args) -> int:
     from sdlora.checkpoint import Interrupted
 
     try:

@@ -52,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides", nargs="*", metavar="section.key=value", help="override a config value"
     )
 
+    p = sub.add_parser("init", help="write a commented config for a folder of images")
+    p.add_argument("dir", type=Path, help="folder of training images")
+    p.add_argument(
+        "--family", choices=INIT_FAMILIES, default="sd15", help="base family preset (sd15)"
+    )
+    p.add_argument("--trigger", help="trigger word (default: the preset's zkstyle)")
+    p.add_argument("--base", help="base checkpoint: .safetensors file, diffusers folder, hub id")
+    p.add_argument("-o", "--out", type=Path, help="config to write (default: DIR's name.toml)")
+
     p = sub.add_parser("generate", help="generate images with LoRAs applied")
     p.add_argument("--base", required=True, help="base: folder, .safetensors, hub id, tiny:sd1")
     p.add_argument(
@@ -191,6 +200,23 @@ def cmd_demo(args) -> int:
     out = Path(args.out).resolve()
     result = train(config, (f"output.dir={out}", *args.overrides))
     _print_result(result)
+    return 0
+
+
+def cmd_init(args) -> int:
+    from sdlora.presets import write_starter_config
+
+    preset = examples_root() / "configs" / f"{args.family}-style.toml"
+    out = args.out or Path(f"{args.dir.resolve().name}.toml")
+    config = write_starter_config(preset, out, args.dir, args.trigger, args.base)
+    trigger, resolution = config.dataset.trigger, config.dataset.resolution
+    print(f"wrote {out} ({args.family} preset: {preset.name})")
+    if args.base is None:
+        print(f"set model.base in it (now {config.model.base}) to your base checkpoint")
+    if args.trigger is None:
+        print(f"the trigger word is {trigger!r}; --trigger WORD picks another")
+    print(f"then: sdlora check {args.dir} --trigger {trigger} --resolution {resolution}")
+    print(f"      sdlora train {out}")
     return 0
 
 
@@ -342,6 +368,7 @@ def _print_result(result) -> None:
 COMMANDS = {
     "train": cmd_train,
     "demo": cmd_demo,
+    "init": cmd_init,
     "generate": cmd_generate,
     "merge": cmd_merge,
     "inspect": cmd_inspect,

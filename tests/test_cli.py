@@ -9,6 +9,7 @@ from conftest import tiny_overrides
 from PIL import Image
 
 from sdlora.cli import main, parse_args
+from sdlora.config import load_config
 
 
 def _files(root):
@@ -214,3 +215,54 @@ def test_warnings_are_one_line_each_without_library_noise(trained, style_dir, tm
         ]
     else:
         assert result.returncode == 0 and lines[1:] == [], result.stderr
+
+
+@pytest.mark.parametrize(
+    "family, resolution, comment",
+    [
+        ("sd15", 512, "# 16 captures a style; 32+ starts memorising images"),
+        ("sd21-768", 768, "# the 768-v model's native size"),
+        ("sdxl", 1024, "# SDXL styles train well on the UNet alone; saves memory"),
+    ],
+)
+def test_init_writes_the_family_preset_for_a_folder(
+    family, resolution, comment, style_dir, tmp_path
+):
+    base = tmp_path / "models" / "base.safetensors"
+    base.parent.mkdir()
+    base.write_bytes(b"")
+    out = tmp_path / "my-style.toml"
+    argv = ["init", str(style_dir), "--family", family, "--trigger", "zkstripes"]
+    assert main([*argv, "--base", str(base), "-o", str(out)]) == 0
+    text = out.read_text()
+    assert comment in text  # the preset's comments are kept
+    config = load_config(out)
+    assert config.dataset.path == str(style_dir)
+    assert config.dataset.trigger == "zkstripes" and config.output.name == "zkstripes"
+    assert config.model.base == str(base)
+    assert config.dataset.resolution == resolution
+    assert config.output.dir == str(tmp_path / "runs" / "my-style")
+    assert 'path = "style"' in text  # beside the config: relative, so the pair can move
+
+
+def test_init_never_replaces_a_file_and_names_what_is_wrong(
+    style_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "style"]) == 0  # -o defaults to the folder's name
+    written = (tmp_path / "style.toml").read_text()
+    out = capsys.readouterr().out
+    assert "set model.base in it" in out and "sdlora train style.toml" in out
+    config = load_config(tmp_path / "style.toml")
+    assert config.dataset.trigger == "zkstyle" and config.model.family is None
+    for argv, message in [
+        (["init", "style"], "style.toml already exists"),
+        (["init", "nope", "-o", "n.toml"], "dataset folder nope does not exist"),
+        (["init", "style", "-o", "style/in.toml"], "is inside the dataset folder"),
+        (["init", "style", "-o", "no/such/dir/x.toml"], "folder no/such/dir does not exist"),
+        (["init", "style", "--trigger", " ", "-o", "blank.toml"], "dataset.trigger is empty"),
+    ]:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert (tmp_path / "style.toml").read_text() == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["style", "style.toml"]

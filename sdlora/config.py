@@ -496,7 +496,7 @@ def _check_text(name: str, value: str) -> None:
 
 def check_file_name(name: str, value: str) -> None:
     """Refuse a file name that cannot be written, or reads as something it is not."""
-    problem = None
+    problem, size = None, len(value.encode("utf-8", "surrogatepass"))
     if not value or value in (".", ".."):
         problem = "is empty" if not value else "is not a file name"
     elif "/" in value or "\\" in value:
@@ -505,10 +505,10 @@ def check_file_name(name: str, value: str) -> None:
         problem = "contains a control character (newline, tab, NUL, ...)"
     elif any(c in BIDI_CONTROLS for c in value):
         problem = "contains a text-direction control character (such as U+202E)"
-    elif len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+    elif size > MAX_NAME_BYTES:
         problem = (
-            f"is {len(value.encode('utf-8', 'surrogatepass'))} bytes long in UTF-8; at most "
-            f"{MAX_NAME_BYTES}, so `<name>-stepNNNNNN.safetensors` fits a file name"
+            f"is {size} bytes long in UTF-8; at most {MAX_NAME_BYTES}, so "
+            "`<name>-stepNNNNNN.safetensors` fits a file name"
         )
     if problem:
         shown = value if len(value) <= 60 else value[:57] + "..."

@@ -20,9 +20,8 @@ import os
 import re
 import shutil
 import tempfile
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from sdlora.errors import SdloraError
 from sdlora.families import BASE_LABELS, FAMILIES, FAMILY_LABELS, LABEL_KEY, known_label

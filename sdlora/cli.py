@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from sdlora.errors import SdloraError
+
+# `sdlora init --family F` starts from configs/F-style.toml.
+INIT_FAMILIES = ("sd15", "sd21-768", "sdxl")
+PACKAGE = Path(__file__).resolve().parent
 
 
 def examples_root() -> Path:
@@ -46,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="override a config value"
     )
+
+    p = sub.add_parser("init", help="write a commented config for a folder of images")
+    p.add_argument("dir", type=Path, help="folder of training images")
+    p.add_argument(
+        "--family", choices=INIT_FAMILIES, default="sd15", help="base family preset (sd15)"
+    )
+    p.add_argument("--trigger", help="trigger word (default: the preset's zkstyle)")
+    p.add_argument("--base", help="base checkpoint: .safetensors file, diffusers folder, hub id")
+    p.add_argument("-o", "--out", type=Path, help="config to write (default: DIR's name.toml)")
 
     p = sub.add_parser("generate", help="generate images with LoRAs applied")
     p.add_argument("--base", required=True, help="base: folder, .safetensors, hub id, tiny:sd1")
@@ -152,8 +166,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with options allowed anywhere among `section.key=value` overrides."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse hands back the overrides that follow an option as unrecognised.
+    if extra and "overrides" in args and all("=" in a and a[0] != "-" for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _run(args)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """One line per warning: sdlora's own as `sdlora: warning: <text>`; a library's named."""
+    text = " ".join(str(message).split())
+    path = Path(filename).resolve()
+    if not path.is_relative_to(PACKAGE):
+        parts = path.parts
+        origin = parts[parts.index("site-packages") + 1] if "site-packages" in parts else path.stem
+        text = f"{origin}: {text}"
+    print(f"sdlora: warning: {text}", file=sys.stderr)
+
+
+def _run(args) -> int:
     from sdlora.checkpoint import Interrupted
 
     try:
@@ -189,6 +232,23 @@ def cmd_demo(args) -> int:
     out = Path(args.out).resolve()
     result = train(config, (f"output.dir={out}", *args.overrides))
     _print_result(result)
+    return 0
+
+
+def cmd_init(args) -> int:
+    from sdlora.presets import write_starter_config
+
+    preset = examples_root() / "configs" / f"{args.family}-style.toml"
+    out = args.out or Path(f"{args.dir.resolve().name}.toml")
+    config = write_starter_config(preset, out, args.dir, args.trigger, args.base)
+    trigger, resolution = config.dataset.trigger, config.dataset.resolution
+    print(f"wrote {out} ({args.family} preset: {preset.name})")
+    if args.base is None:
+        print(f"set model.base in it (now {config.model.base}) to your base checkpoint")
+    if args.trigger is None:
+        print(f"the trigger word is {trigger!r}; --trigger WORD picks another")
+    print(f"then: sdlora check {args.dir} --trigger {trigger} --resolution {resolution}")
+    print(f"      sdlora train {out}")
     return 0
 
 
@@ -377,6 +437,7 @@ def _print_result(result) -> None:
 COMMANDS = {
     "train": cmd_train,
     "demo": cmd_demo,
+    "init": cmd_init,
     "generate": cmd_generate,
     "merge": cmd_merge,
     "inspect": cmd_inspect,

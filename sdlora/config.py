@@ -9,13 +9,17 @@ file's folder; relative paths in overrides are relative to the working directory
 from __future__ import annotations
 
 import dataclasses
+import math
+import tomllib
 import types
 import typing
+import unicodedata
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
+import tomli_w
 
 from sdlora.decode import parse_colour
 from sdlora.errors import SdloraError
@@ -31,12 +35,25 @@ SAVE_DTYPES = ("fp16", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 CROPS = ("center", "random")
 SMALL_IMAGES = ("skip", "upscale")
+# output.name plus the longest suffix a run adds (`-step000001.safetensors`, 23 bytes) and a
+# temporary-file tag stays under the 255-byte file-name limit of common file systems.
+MAX_NAME_BYTES = 200
+# Characters that reorder how a name is displayed (U+202E shows `exe.txt` as `txt.exe`).
+BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+BASE_HINT = (
+    'name the base checkpoint, e.g. model.base = "path/to/model.safetensors" (a single file, '
+    "a diffusers folder or a hub id), or `micro` / `tiny:sd1` for a quick test"
+)
+DEFAULT_LR = 1e-4
+# Prodigy estimates its own step size; lr multiplies it, and its authors use 1.
+PRODIGY_LR = 1.0
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    base: str = "tiny:sd1"
-    """Base checkpoint: diffusers folder, single-file .safetensors, hub id or `tiny:<family>`."""
+    base: str = ""
+    """Base checkpoint (required): diffusers folder, single-file .safetensors, hub id, `micro`
+    or `tiny:<family>`."""
     family: str | None = None
     """Override the family recognised from the weights (sd1, sd2, sd2-v, sdxl); rarely needed."""
     config_dir: str | None = None
@@ -49,7 +66,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if not self.base:
-            raise SdloraError("model.base is empty: name a checkpoint folder, file or `tiny:sd1`")
+            raise SdloraError(f"model.base is empty: {BASE_HINT}")
         label = known_label(self.family or "")
         if label:
             family = BASE_LABELS[label]
@@ -148,8 +165,9 @@ class DatasetConfig:
 class LoraConfig:
     rank: int = 16
     """Rank of the low-rank update (sd-scripts' `network_dim`)."""
-    alpha: float = 16.0
-    """Scale numerator: the update is multiplied by alpha / rank (sd-scripts' `network_alpha`)."""
+    alpha: float | None = None
+    """Scale numerator: the update is multiplied by alpha / rank (sd-scripts' `network_alpha`);
+    unset: alpha = rank (scale 1, whatever the rank)."""
     unet_targets: str = "attention"
     """UNet modules to adapt: `attention` (q, k, v, out), `attention+ff`, `all-linear`."""
     text_encoder: bool = True
@@ -159,6 +177,8 @@ class LoraConfig:
 
     def __post_init__(self):
         _check_positive("lora.rank", self.rank)
+        if self.alpha is None:  # resolved here, so the run's config.toml records the number
+            object.__setattr__(self, "alpha", float(self.rank))
         _check_positive("lora.alpha", self.alpha)
         _check_choice("lora.unet_targets", self.unet_targets, UNET_TARGETS)
 
@@ -171,12 +191,12 @@ class TrainConfig:
     """Train for this many passes over the dataset instead (steps = epochs x steps per epoch)."""
     batch_size: int = 1
     """Images per step."""
-    lr: float = 1e-4
-    """Learning rate of the UNet LoRA."""
+    lr: float | None = None
+    """Learning rate of the UNet LoRA; unset: 1e-4, or 1 with `optimizer = "prodigy"`."""
     text_encoder_lr: float | None = None
     """Learning rate of the text-encoder LoRA (defaults to `lr`)."""
     optimizer: str = "adamw"
-    """`adamw`, `adamw8bit` (needs bitsandbytes) or `prodigy` (needs prodigyopt; set lr=1)."""
+    """`adamw`, `adamw8bit` (needs bitsandbytes) or `prodigy` (needs prodigyopt; lr 1)."""
     weight_decay: float = 1e-2
     """AdamW weight decay."""
     lr_scheduler: str = "constant"
@@ -220,6 +240,10 @@ class TrainConfig:
     """accelerate trackers for the loss: `tensorboard`, `wandb`, ... (installed separately)."""
 
     def __post_init__(self):
+        if self.lr is None:  # resolved here, so the run's config.toml records the number
+            object.__setattr__(
+                self, "lr", PRODIGY_LR if self.optimizer == "prodigy" else DEFAULT_LR
+            )
         for name in ("steps", "batch_size", "grad_accum", "log_every", "keep_last"):
             _check_positive(f"train.{name}", getattr(self, name))
         if self.epochs is not None:
@@ -248,6 +272,16 @@ class TrainConfig:
         _check_choice("train.device", self.device, DEVICES)
         if self.clip_skip is not None:
             _check_positive("train.clip_skip", self.clip_skip)
+        if self.optimizer == "prodigy":
+            rates = (("lr", self.lr), ("text_encoder_lr", self.text_encoder_lr))
+            low = [f"train.{k}={v:g}" for k, v in rates if v is not None and 0 < v < 0.1]
+            if low:
+                warnings.warn(
+                    f"{' and '.join(low)} with train.optimizer=prodigy: Prodigy finds its own "
+                    "step size and the rate only scales it, so under 0.1 it barely learns; "
+                    "use 1 (the default with prodigy)",
+                    stacklevel=1,  # this file: cli.main prints it as sdlora's own warning
+                )
 
     @property
     def te_lr(self) -> float:
@@ -272,8 +306,7 @@ class OutputConfig:
     """At the end, write `bundle/`: the LoRA ready to publish (see `sdlora bundle`)."""
 
     def __post_init__(self):
-        if not self.name or "/" in self.name or "\\" in self.name:
-            raise SdloraError(f"output.name must be a plain file name, got {self.name!r}")
+        check_file_name("output.name", self.name)
         _check_choice("output.dtype", self.dtype, SAVE_DTYPES)
 
 
@@ -340,11 +373,12 @@ def load_config(
         if not path.is_file():
             raise SdloraError(f"config file {path} does not exist")
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
             raise SdloraError(f"config file {path} is not valid TOML: {e}") from None
-        _absolutise(raw, path.resolve().parent)
-        _local_base(raw, path.resolve().parent)
+        except OSError as e:
+            raise SdloraError(f"config file {path} cannot be read: {e.strerror}") from None
+        raw = read_config_text(text, path.resolve().parent, str(path))
     for item in overrides:
         section, key, value = parse_override(item)
         single = {section: {key: value}}
@@ -356,6 +390,18 @@ def load_config(
     if not Path(config.output.dir).is_absolute():  # the default run folder: under the cwd
         config = replace(config, output={"dir": str(Path.cwd() / config.output.dir)})
     return config
+
+
+def read_config_text(text: str, folder: Path, source: str) -> dict[str, Any]:
+    """The tables of a config file's TOML text, its relative paths made absolute from `folder`
+    (the file's folder)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SdloraError(f"config file {source} is not valid TOML: {e}") from None
+    _absolutise(raw, folder)
+    _local_base(raw, folder)
+    return raw
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -395,20 +441,18 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         sections[section] = kwargs
     if "dataset" not in sections or "path" not in sections["dataset"]:
         raise SdloraError(f"{source} sets no dataset.path: point it at a folder of images")
+    if "base" not in sections.get("model", {}):  # no default: a run needs a real base
+        raise SdloraError(f"{source} sets no model.base: {BASE_HINT}")
     return Config(**{name: cls(**sections.get(name, {})) for name, cls in SECTIONS.items()})
 
 
 def config_to_toml(config: Config) -> str:
     """The resolved config as TOML text (what a run folder's config.toml holds)."""
-    lines = []
+    tables = {}
     for section in SECTIONS:
-        lines.append(f"[{section}]")
-        for f in dataclasses.fields(getattr(config, section)):
-            value = getattr(getattr(config, section), f.name)
-            if value is not None:
-                lines.append(f"{f.name} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
+        values = dataclasses.asdict(getattr(config, section))
+        tables[section] = {k: v for k, v in values.items() if v is not None}  # TOML has no null
+    return tomli_w.dumps(tables)
 
 
 def replace(config: Config, **changes: dict[str, Any]) -> Config:
@@ -424,7 +468,7 @@ def _local_base(raw: dict, folder: Path) -> None:
     it stays as written (a hub id, `micro`, `tiny:sd1`, or a path from the working directory)."""
     model = raw.get("model")
     base = model.get("base") if isinstance(model, dict) else None
-    if isinstance(base, str) and base and (folder / base).exists():
+    if isinstance(base, str) and base and "\0" not in base and (folder / base).exists():
         model["base"] = str((folder / base).resolve())
 
 
@@ -432,12 +476,13 @@ def _absolutise(raw: dict, base: Path) -> None:
     for section, key in PATH_FIELDS:
         values = raw.get(section)
         value = values.get(key) if isinstance(values, dict) else None
-        if isinstance(value, str) and value:
+        if isinstance(value, str) and value and "\0" not in value:  # NUL: refused in _coerce
             values[key] = str((base / Path(value).expanduser()).resolve())
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a field's type; ints are accepted for floats, lists for tuples."""
+    """Check `value` against a field's type; ints are accepted for floats, lists for tuples.
+    Floats must be finite, ints fit in 64 bits (TOML's range) and text has no NUL byte."""
     optional = False
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -447,22 +492,50 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if typing.get_origin(hint) is tuple:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise SdloraError(f"{name} must be a list of strings, got {value!r}")
+        for item in value:
+            _check_text(name, item)
         return tuple(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise SdloraError(f"{name} must be {hint.__name__}, got {type(value).__name__} {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise SdloraError(f"{name} must be a finite number, got {value}")
+    if hint is int and not -(2**63) <= value < 2**63:
+        raise SdloraError(f"{name} must fit in 64 bits, got {value}")
+    if hint is str:
+        _check_text(name, value)
     return value
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _check_text(name: str, value: str) -> None:
+    if "\0" in value:
+        raise SdloraError(f"{name} contains a NUL byte: {value!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes on the command line arrive as surrogates
+        raise SdloraError(f"{name} is not valid UTF-8 text: {value!r}") from None
+
+
+def check_file_name(name: str, value: str) -> None:
+    """Refuse a file name that cannot be written, or reads as something it is not."""
+    problem, size = None, len(value.encode("utf-8", "surrogatepass"))
+    if not value or value in (".", ".."):
+        problem = "is empty" if not value else "is not a file name"
+    elif "/" in value or "\\" in value:
+        problem = "contains a path separator (/ or \\)"
+    elif any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in value):
+        problem = "contains a control character (newline, tab, NUL, ...)"
+    elif any(c in BIDI_CONTROLS for c in value):
+        problem = "contains a text-direction control character (such as U+202E)"
+    elif size > MAX_NAME_BYTES:
+        problem = (
+            f"is {size} bytes long in UTF-8; at most {MAX_NAME_BYTES}, so "
+            "`<name>-stepNNNNNN.safetensors` fits a file name"
+        )
+    if problem:
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        raise SdloraError(f"{name} {problem}: {shown!r}; choose a plain file name")
 
 
 def _check_positive(name: str, value: float) -> None:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import safetensors.torch
@@ -88,7 +88,7 @@ def build_metadata(
         "modelspec.implementation": spec.implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.prediction_type": "v" if spec.prediction_type == "v_prediction" else "epsilon",
         "modelspec.trigger_phrase": ", ".join(trigger_words),
     }

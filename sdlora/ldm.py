@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import safetensors.torch
@@ -194,7 +194,7 @@ def checkpoint_metadata(
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.title": title,
         "modelspec.description": f"Merged by sdlora from its base and the LoRAs {merged}",
-        "modelspec.date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v"
         if FAMILIES[family].prediction_type == "v_prediction"

@@ -234,7 +234,8 @@ def test_no_usable_image_is_one_error(tmp_path):
 )
 def test_bad_dataset_values_are_named(override, message, tmp_path):
     with pytest.raises(SdloraError, match=message):
-        load_config(None, [f"dataset.path={tmp_path}", "dataset.trigger=zk", override])
+        overrides = ["model.base=tiny:sd1", f"dataset.path={tmp_path}", "dataset.trigger=zk"]
+        load_config(None, [*overrides, override])
 
 
 def test_every_dataset_key_is_in_the_readme_table():

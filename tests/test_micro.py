@@ -22,6 +22,7 @@ from sdlora.train import check_resolution
 REPO = Path(__file__).resolve().parent.parent
 BANDS = REPO / "datasets_examples" / "bands"
 AGREEMENT_PROMPTS = 48
+MINIMAL = ["model.base=tiny:sd1", "dataset.path=x", "dataset.trigger=zk"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,11 +108,11 @@ def test_resolution_must_suit_the_base(micro_base):
 
 def test_prior_and_report_options_are_validated():
     with pytest.raises(SdloraError, match="train.prior_images"):
-        load_config(None, ["dataset.path=x", "dataset.trigger=zk", "train.prior_images=-1"])
+        load_config(None, [*MINIMAL, "train.prior_images=-1"])
     with pytest.raises(SdloraError, match="sample.report_images"):
-        load_config(None, ["dataset.path=x", "dataset.trigger=zk", "sample.report_images=-1"])
+        load_config(None, [*MINIMAL, "sample.report_images=-1"])
     with pytest.raises(SdloraError, match="dataset.resolution"):
-        load_config(None, ["dataset.path=x", "dataset.trigger=zk", "dataset.resolution=48"])
+        load_config(None, [*MINIMAL, "dataset.resolution=48"])
 
 
 def test_style_scores_measure_along_the_base_to_style_line():

@@ -120,7 +120,7 @@ def _tensor_end(path: Path, name: str, entry) -> int:
     if not isinstance(entry, dict):
         raise SdloraError(f"{where} has no description (dtype, shape, data_offsets) in the header")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise SdloraError(f"{where} has an unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(_count(d) for d in shape):
         raise SdloraError(f"{where} has no valid shape (got {shape!r})")

@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `sdlora check DIR | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a real fault, with its traceback
+            raise
+        # A path the system refuses (too long, no permission) wherever it was first opened.
+        print(f"sdlora: error: {printable(str(e.filename))}: {e.strerror}", file=sys.stderr)
+        return 2
 
 
 def cmd_train(args) -> int:

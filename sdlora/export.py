@@ -175,7 +175,19 @@ def write_synced(f, data: bytes) -> None:
     os.fsync(f.fileno())
 
 
-def write_error(path: Path, error: Exception, size: int) -> SdloraError:
+class WriteError(SdloraError, OSError):
+    """A failed write, worded for the user; still an OSError for callers that skip what cannot
+    be written (e.g. a caption in a read-only folder)."""
+
+    def __init__(self, message: str, error: Exception):
+        OSError.__init__(self, getattr(error, "errno", None), getattr(error, "strerror", None))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def write_error(path: Path, error: Exception, size: int) -> WriteError:
     """One line for a failed write of `size` bytes to `path`: for a full disk, how much is needed.
 
     `error` is an OSError, or a library's wrapping of one (safetensors' SafetensorError).
@@ -186,14 +198,15 @@ def write_error(path: Path, error: Exception, size: int) -> SdloraError:
             free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
         except OSError:
             free = 0
-        return SdloraError(
+        return WriteError(
             f"{path} could not be written: the disk is full (it needs {_mb(size)}, "
-            f"{_mb(free)} free); free some space and run again"
+            f"{_mb(free)} free); free some space and run again",
+            error,
         )
     reason = (
         getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
     )
-    return SdloraError(f"{path} could not be written: {reason}")
+    return WriteError(f"{path} could not be written: {reason}", error)
 
 
 def _mb(size: int) -> str:

@@ -115,14 +115,15 @@ def _is_file(path: Path) -> bool:
 
 SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_PIXELS = 4096 * 4096
+MAX_STEPS = 1000  # the bases' training timesteps: samplers cannot take more
 
 
 def check_settings(
     steps: int, cfg: float, seed: int, num: int, size: tuple[int, int] | None, max_pixels: int
 ) -> None:
     """Refuse generation settings that cannot give images, before any model is loaded."""
-    if steps < 1:
-        raise SdloraError(f"--steps must be at least 1, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise SdloraError(f"--steps must be from 1 to {MAX_STEPS}, got {steps}")
     if num < 1:
         raise SdloraError(f"--num must be at least 1, got {num}")
     if not math.isfinite(cfg):
@@ -203,7 +204,7 @@ class Generator:
         loras = list(loras)
         family = base.family if isinstance(base, Base) else None
         for spec in loras:
-            if not spec.path.is_file():
+            if not _is_file(spec.path):
                 raise SdloraError(f"LoRA file {spec.path} does not exist")
             spec.lora = read_lora(spec.path, allow_pickle)
             family = family or base_family(base)

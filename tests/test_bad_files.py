@@ -273,3 +273,34 @@ def test_odd_characters_in_names_are_escaped_in_messages(tmp_path, capsys):
     err = _one_line_error(capsys, main(["inspect", str(path)]))
     assert "evil\\nname\\x1b[31m\\u202e.safetensors is empty" in err
     assert printable("ünïcode ok") == "ünïcode ok"
+
+
+def test_a_caption_that_cannot_be_written_is_still_skipped(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "one.png")
+    (folder / "one.txt").mkdir()  # where the caption would go: the write fails for real
+    (folder / "one.txt" / "x").write_text("")
+    assert main(["caption", str(folder), "--trigger", "zk", "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert "cannot write one.txt" in out and "0 caption(s) written" in out
+
+
+def test_a_path_the_system_refuses_is_one_line_wherever_it_is_opened(tmp_path, capsys):
+    long = str(tmp_path / ("x" * 300))
+    for args in (
+        [
+            "generate",
+            "--base",
+            long + ".safetensors",
+            "--prompt",
+            "x",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        ["check", long],
+        ["inspect", long + ".safetensors"],
+    ):
+        assert "x" * 300 in _one_line_error(capsys, main(args))

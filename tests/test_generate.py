@@ -198,8 +198,9 @@ def _no_model_loads(monkeypatch):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--steps", "0"], "--steps must be at least 1, got 0"),
-        (["--steps", "-3"], "--steps must be at least 1, got -3"),
+        (["--steps", "0"], "--steps must be from 1 to 1000, got 0"),
+        (["--steps", "-3"], "--steps must be from 1 to 1000, got -3"),
+        (["--steps", "99999999999999999999"], "--steps must be from 1 to 1000"),
         (["--num", "0"], "--num must be at least 1, got 0"),
         (["--num", "-1"], "--num must be at least 1, got -1"),
         (["--seed", "99999999999999999999"], "--seed must be between 0 and 2**64-1"),

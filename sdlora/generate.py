@@ -116,6 +116,7 @@ def _is_file(path: Path) -> bool:
 SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes
 MAX_PIXELS = 4096 * 4096
 MAX_STEPS = 1000  # the bases' training timesteps: samplers cannot take more
+MAX_NUM = 10_000
 
 
 def check_settings(
@@ -124,8 +125,8 @@ def check_settings(
     """Refuse generation settings that cannot give images, before any model is loaded."""
     if not 1 <= steps <= MAX_STEPS:
         raise SdloraError(f"--steps must be from 1 to {MAX_STEPS}, got {steps}")
-    if num < 1:
-        raise SdloraError(f"--num must be at least 1, got {num}")
+    if not 1 <= num <= MAX_NUM:
+        raise SdloraError(f"--num must be from 1 to {MAX_NUM}, got {num}")
     if not math.isfinite(cfg):
         raise SdloraError(f"--cfg must be a finite number, got {cfg}")
     if not 0 <= seed <= SEED_MAX - (num - 1):

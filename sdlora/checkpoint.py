@@ -9,6 +9,7 @@ checkpoint or none; older checkpoints are removed only after a new one is comple
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -21,6 +22,7 @@ import safetensors.torch
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.export import write_error, write_synced
 from sdlora.families import FAMILIES, same_architecture
 from sdlora.guard import IncompatibleLora
 
@@ -82,28 +84,60 @@ def save_checkpoint(
     state: dict,
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` atomically; then drop all but the newest `keep_last`."""
+    """Write checkpoint `step` atomically; then drop all but the newest `keep_last`.
+
+    Weights holding NaN or infinity are refused, and a failed write (a full disk) is one error
+    naming the file; either way the earlier checkpoints stay as they were.
+    """
+    tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
+    check_finite(tensors, step)
+    files = {
+        "lora.safetensors": safetensors.torch.save(tensors),
+        "state.pt": _torch_bytes({**state, "step": step}),
+        MARKER: f"{step}\n".encode(),  # written last: the checkpoint is whole once it exists
+    }
     root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = None
+    target = root
     try:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
-        safetensors.torch.save_file(tensors, tmp / "lora.safetensors")
-        torch.save({**state, "step": step}, tmp / "state.pt")
-        (tmp / MARKER).write_text(f"{step}\n")
-        for path in tmp.iterdir():
-            with path.open("rb") as f:
-                os.fsync(f.fileno())
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+        for name, data in files.items():
+            target = tmp / name
+            with target.open("wb") as f:
+                write_synced(f, data)
+        target = final
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except OSError as e:
+        raise write_error(target, e, sum(map(len, files.values()))) from None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     for old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _torch_bytes(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def remove_incomplete(run_dir: Path) -> list[Path]:
+    """Remove the temporary folders of checkpoints a killed run left half-written
+    (`checkpoints/.step_NNNNNN.xxxx`); return them, so the caller can say so.
+
+    Call it before training starts in `run_dir`: no other process writes there then.
+    """
+    root = run_dir / "checkpoints"
+    found = sorted(p for p in root.glob(f".{PREFIX}*") if p.is_dir()) if root.is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -134,9 +168,18 @@ def find_checkpoint(run_dir: Path, spec: str) -> Path:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(LoRA parameters, training state) of a complete checkpoint."""
-    params = safetensors.torch.load_file(path / "lora.safetensors")
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    """(LoRA parameters, training state) of a complete checkpoint; one holding NaN or
+    infinity is refused (resuming from it would train on nothing but NaN)."""
+    try:
+        params = safetensors.torch.load_file(path / "lora.safetensors")
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever the reader says
+        raise SdloraError(f"checkpoint {path} cannot be read ({e}); resume from another") from None
+    bad = next((name for name, t in params.items() if not t.isfinite().all()), None)
+    if bad is not None:
+        raise SdloraError(
+            f"checkpoint {path} holds NaN or infinity (first in {bad}); resume from an earlier one"
+        )
     return params, state
 
 

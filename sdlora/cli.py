@@ -8,7 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from sdlora.errors import SdloraError
+from sdlora.errors import SdloraError, printable
 
 # `sdlora init --family F` starts from configs/F-style.toml.
 INIT_FAMILIES = ("sd15", "sd21-768", "sdxl")
@@ -33,10 +33,15 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (exit 2) like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="sdlora", description="Train Stable Diffusion style LoRAs."
-    )
+    parser = Parser(prog="sdlora", description="Train Stable Diffusion style LoRAs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a LoRA from a TOML config")
@@ -74,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
     p.add_argument("--size", type=_size, default=None, metavar="WxH")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="largest width x height --size may ask for (default 4096x4096)",
+    )
     p.add_argument("--num", type=int, default=1, help="images (seeds seed, seed+1, ...)")
     p.add_argument("--sampler", default="ddim", help="euler, euler_a, dpmpp_2m, ddim, ...")
     p.add_argument(
@@ -108,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", default="fp16", choices=("fp16", "bf16", "fp32"), help="of a .safetensors -o"
     )
+    p.add_argument("--allow-pickle", action="store_true", help="read pickle LoRAs (weights only)")
 
     p = sub.add_parser("inspect", help="family, ranks, triggers, hashes and metadata of a LoRA")
     p.add_argument("file", type=Path)
@@ -179,7 +191,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed
+        return e.code if isinstance(e.code, int) else 2
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
         return _run(args)
@@ -193,7 +208,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
         parts = path.parts
         origin = parts[parts.index("site-packages") + 1] if "site-packages" in parts else path.stem
         text = f"{origin}: {text}"
-    print(f"sdlora: warning: {text}", file=sys.stderr)
+    print(f"sdlora: warning: {printable(text)}", file=sys.stderr)
 
 
 def _run(args) -> int:
@@ -204,10 +219,10 @@ def _run(args) -> int:
         sys.stdout.flush()  # a reader that has gone is noticed here, not at exit
         return code
     except Interrupted as e:
-        print(f"sdlora: {e}", file=sys.stderr)
+        print(f"sdlora: {printable(str(e))}", file=sys.stderr)
         return e.exit_code
     except SdloraError as e:
-        print(f"sdlora: error: {e}", file=sys.stderr)
+        print(f"sdlora: error: {printable(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sdlora: interrupted", file=sys.stderr)
@@ -215,6 +230,12 @@ def _run(args) -> int:
     except BrokenPipeError:  # e.g. `sdlora check DIR | head`: the reader has gone
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 141
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a real fault, with its traceback
+            raise
+        # A path the system refuses (too long, no permission) wherever it was first opened.
+        print(f"sdlora: error: {printable(str(e.filename))}: {e.strerror}", file=sys.stderr)
+        return 2
 
 
 def cmd_train(args) -> int:
@@ -256,8 +277,11 @@ def cmd_generate(args) -> int:
     from sdlora.generate import (
         Generator,
         LoraSpec,
+        check_output_folder,
         check_sampler,
+        check_settings,
         grid_images,
+        parse_grid,
         prompt_loras,
         save_images,
         with_triggers,
@@ -265,6 +289,9 @@ def cmd_generate(args) -> int:
     from sdlora.images import save_grid
 
     check_sampler(args.sampler)
+    check_settings(args.steps, args.cfg, args.seed, args.num, args.size, args.max_pixels)
+    check_output_folder(args.out)
+    axis, values = parse_grid(args.grid) if args.grid else (None, [])
     prompt, tagged = prompt_loras(args.prompt, args.lora_dir)
     loras = [LoraSpec.parse(text) for text in args.lora] + tagged
     generator = Generator.load(
@@ -277,35 +304,29 @@ def cmd_generate(args) -> int:
     )
     render = dict(negative=args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
                   size=args.size, sampler=args.sampler)  # fmt: skip
-    if args.grid:
-        axis, _, values = args.grid.partition("=")
+    if axis:
         prompt = prompt if axis == "trigger" else with_triggers(prompt, loras, args.trigger)
-        images, labels = grid_images(generator, axis, values.split(","), prompt, **render)
-        path = save_grid(images, labels, args.out / f"grid_{axis}.png", columns=len(images))
-        print(path)
+        images, labels = grid_images(generator, axis, values, prompt, **render)
+        # A grid carries its first cell's infotext, as A1111's grids do.
+        info = {"parameters": images[0].info["parameters"]}
+        path = save_grid(images, labels, args.out / f"grid_{axis}.png", columns=len(images),
+                         text=info)  # fmt: skip
+        print(printable(str(path)))
         return 0
     prompt = with_triggers(prompt, loras, args.trigger)
     for path in save_images(generator.render(prompt, num=args.num, **render), args.out):
-        print(path)
+        print(printable(str(path)))
     return 0
 
 
 def cmd_merge(args) -> int:
-    from sdlora.generate import Generator, LoraSpec
+    from sdlora.generate import LoraSpec
+    from sdlora.merge import check_merge_target, merge
 
-    if args.out.exists():
-        raise SdloraError(f"{args.out} already exists; choose a new folder for the merged model")
+    check_merge_target(args.out)
     loras = [LoraSpec.parse(t) for t in args.lora]
-    generator = Generator.load(args.base, loras, fuse=True, device="cpu", dtype="fp32")
-    pipe = generator.pipeline()
-    pipe.unload_lora_weights()  # the fused weights stay; the LoRA layers go
-    if args.out.suffix.lower() == ".safetensors":
-        from sdlora.ldm import save_merged
-
-        save_merged(args.out, generator, args.dtype)
-    else:
-        pipe.save_pretrained(args.out)
-    print(args.out)
+    out = merge(args.base, loras, args.out, args.allow_pickle, dtype=args.dtype)
+    print(printable(str(out)))
     return 0
 
 
@@ -322,17 +343,21 @@ def cmd_inspect(args) -> int:
     sure = (
         " (unsure: " + "; ".join(info["family_evidence"]) + ")" if info["family_ambiguous"] else ""
     )
-    print(f"file:        {info['file']} ({info['format']})")
+    print(f"file:        {printable(info['file'])} ({info['format']})")
     print(f"family:      {info['family'] or 'unknown'}{sure}")
     print(f"prediction:  {info['prediction_type']}")
     print(f"base model:  {info['base_label'] or '-'}")
     print(f"modules:     {modules}")
     print(f"rank/alpha:  {info['ranks']} / {info['alphas']}")
-    print(f"triggers:    {', '.join(info['trigger_words']) or '-'}")
+    print(printable(f"triggers:    {', '.join(info['trigger_words']) or '-'}"))
     print(f"AutoV2:      {info['hashes']['autov2']}   AutoV3: {info['hashes']['autov3']}")
+    if bad := info["non_finite_modules"]:
+        print(f"NOT FINITE:  {len(bad)} module(s) hold NaN or infinity (first: {bad[0]}); "
+              "generate, merge and export refuse this file")  # fmt: skip
     for key in sorted(info["metadata"]):
         value = info["metadata"][key]
-        print(f"  {key} = {value if len(value) <= 100 else value[:97] + '...'}")
+        value = value if len(value) <= 100 else value[:97] + "..."
+        print(printable(f"  {key} = {value}"))
     return 0
 
 
@@ -353,7 +378,7 @@ def cmd_export(args) -> int:
     }
     metadata.pop("modelspec.hash_sha256", None)
     save_lora(args.out, lora, family, args.format, metadata, args.dtype)
-    print(args.out)
+    print(printable(str(args.out)))
     return 0
 
 

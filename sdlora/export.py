@@ -9,9 +9,11 @@ transformers 5 dropped from `CLIPTextModel`.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +22,7 @@ import safetensors.torch
 import torch
 from peft import LoraConfig
 
+from sdlora.errors import SdloraError
 from sdlora.families import FAMILIES, LABEL_KEY, known_label
 from sdlora.lora import Lora, most_common
 from sdlora.lorafile import sha256_after_header
@@ -36,14 +39,34 @@ FORMATS = ("kohya", "diffusers")
 
 def to_kohya_state_dict(lora: Lora, family: str, dtype: str = "fp16") -> dict[str, torch.Tensor]:
     """The tensors of a kohya file for `lora` in `dtype` (fp16, bf16 or fp32)."""
-    torch_dtype = DTYPES[dtype]
     tensors = {}
     for component, path, module in lora.modules():
         name = kohya_name(component, path, family)
-        tensors[f"{name}.lora_down.weight"] = module.down.to(torch_dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = module.up.to(torch_dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch_dtype)
+        down, up, alpha = cast_module(module, dtype, f"{component}:{path}")
+        tensors[f"{name}.lora_down.weight"] = down
+        tensors[f"{name}.lora_up.weight"] = up
+        tensors[f"{name}.alpha"] = alpha
     return tensors
+
+
+def cast_module(module, dtype: str, where: str) -> tuple[torch.Tensor, ...]:
+    """(down, up, alpha) of a LoRA module as written in `dtype`, refused unless every value
+    is finite after the cast: a weight past fp16's range (65504) becomes infinity there."""
+    torch_dtype = DTYPES[dtype]
+    down = module.down.to(torch_dtype).contiguous()
+    up = module.up.to(torch_dtype).contiguous()
+    alpha = torch.tensor(float(module.alpha), dtype=torch_dtype)
+    for tensor, original in ((down, module.down), (up, module.up), (alpha, None)):
+        if not tensor.isfinite().all():
+            was_finite = original is not None and bool(original.isfinite().all())
+            raise SdloraError(
+                f"LoRA module {where} "
+                + (f"does not fit in {dtype} (values beyond its range)" if was_finite
+                   else "holds NaN or infinity")
+                + "; nothing was written. Write bf16 or fp32 (output.dtype, --dtype), or "
+                "lower train.lr and resume from the last checkpoint"
+            )  # fmt: skip
+    return down, up, alpha
 
 
 def build_metadata(
@@ -126,23 +149,73 @@ def safetensors_hashes(
 
 
 def write_atomic(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder, then rename."""
+    """Write `data` to `path` through a temporary file in the same folder, then rename.
+
+    The temporary name is short whatever `path`'s is. A failure (a full disk, a name the
+    file system refuses) is one error naming the file; nothing is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix[:16], dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            write_synced(f, data)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as e:
+        raise write_error(path, e, len(data)) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
     return path
+
+
+def write_synced(f, data: bytes) -> None:
+    """Write `data` to the open file `f` and flush it to the disk."""
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class WriteError(SdloraError, OSError):
+    """A failed write, worded for the user; still an OSError for callers that skip what cannot
+    be written (e.g. a caption in a read-only folder)."""
+
+    def __init__(self, message: str, error: Exception):
+        OSError.__init__(self, getattr(error, "errno", None), getattr(error, "strerror", None))
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def write_error(path: Path, error: Exception, size: int) -> WriteError:
+    """One line for a failed write of `size` bytes to `path`: for a full disk, how much is needed.
+
+    `error` is an OSError, or a library's wrapping of one (safetensors' SafetensorError).
+    """
+    full = getattr(error, "errno", None) == errno.ENOSPC or "StorageFull" in str(error)
+    if full:
+        try:
+            free = shutil.disk_usage(path.parent if path.parent.exists() else ".").free
+        except OSError:
+            free = 0
+        return WriteError(
+            f"{path} could not be written: the disk is full (it needs {_mb(size)}, "
+            f"{_mb(free)} free); free some space and run again",
+            error,
+        )
+    reason = (
+        getattr(error, "strerror", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    )
+    return WriteError(f"{path} could not be written: {reason}", error)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
 
 
 def _cap_tags(tag_frequency: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -162,14 +235,14 @@ def to_diffusers_state_dict(
     diffusers files carry no alpha tensor: each component's rank and alpha go into the
     `lora_adapter_metadata` JSON as a peft LoraConfig, with per-module patterns where they differ.
     """
-    torch_dtype = DTYPES[dtype]
     tensors = {}
     configs: dict[str, object] = {}
     for component in sorted(lora.components):
         modules = lora.components[component]
         for path, module in modules.items():
-            tensors[f"{component}.{path}.lora_A.weight"] = module.down.to(torch_dtype).contiguous()
-            tensors[f"{component}.{path}.lora_B.weight"] = module.up.to(torch_dtype).contiguous()
+            down, up, _ = cast_module(module, dtype, f"{component}:{path}")
+            tensors[f"{component}.{path}.lora_A.weight"] = down
+            tensors[f"{component}.{path}.lora_B.weight"] = up
         rank = most_common([m.rank for m in modules.values()])
         alpha = most_common([m.alpha for m in modules.values()])
         config = LoraConfig(

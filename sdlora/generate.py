@@ -8,6 +8,8 @@ A1111's PNG Info and Civitai read prompt, settings and LoRA hashes back.
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -70,26 +72,77 @@ class LoraSpec:
 
 def _scale(text: str, where: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
         raise SdloraError(
-            f"LoRA scale {text!r} in {where!r} is not a number; write e.g. style.safetensors:0.8"
-        ) from None
+            f"LoRA scale {text!r} in {where!r} is not a finite number; "
+            "write e.g. style.safetensors:0.8"
+        )
+    return value
 
 
 def prompt_loras(prompt: str, lora_dir: Path | None) -> tuple[str, list[LoraSpec]]:
-    """Take A1111's `<lora:NAME:SCALE>` tags out of `prompt`, resolving NAME in `lora_dir`."""
+    """Take A1111's `<lora:NAME:SCALE>` tags out of `prompt`, resolving NAME in `lora_dir`.
+
+    NAME is a file name in that folder, never a path: a prompt cannot reach other files.
+    """
     specs = []
     for m in PROMPT_LORA.finditer(prompt):
         name, scale = m[1].strip(), m[2]
+        if name in ("", ".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+            raise SdloraError(
+                f"<lora:{name}> in the prompt is a path; tags take the name of a LoRA file in "
+                "--lora-dir (e.g. <lora:style:0.8> for style.safetensors)"
+            )
         candidates = [lora_dir / f"{name}{ext}" for ext in (".safetensors", "")] if lora_dir else []
-        path = next((p for p in candidates if p.is_file()), None)
+        path = next((p for p in candidates if _is_file(p)), None)
         if path is None:
             where = f"in {lora_dir}" if lora_dir else "(pass --lora-dir to say where LoRAs are)"
             raise SdloraError(f"<lora:{name}> in the prompt names no LoRA file {where}")
         specs.append(LoraSpec(path, _scale(scale, m[0]) if scale else 1.0))
     clean = re.sub(r"\s*,?\s*$", "", PROMPT_LORA.sub("", prompt)).strip(" ,")
     return re.sub(r"\s{2,}", " ", clean), specs
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long for the file system
+        return False
+
+
+SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_PIXELS = 4096 * 4096
+MAX_STEPS = 1000  # the bases' training timesteps: samplers cannot take more
+MAX_NUM = 10_000
+
+
+def check_settings(
+    steps: int, cfg: float, seed: int, num: int, size: tuple[int, int] | None, max_pixels: int
+) -> None:
+    """Refuse generation settings that cannot give images, before any model is loaded."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise SdloraError(f"--steps must be from 1 to {MAX_STEPS}, got {steps}")
+    if not 1 <= num <= MAX_NUM:
+        raise SdloraError(f"--num must be from 1 to {MAX_NUM}, got {num}")
+    if not math.isfinite(cfg):
+        raise SdloraError(f"--cfg must be a finite number, got {cfg}")
+    if not 0 <= seed <= SEED_MAX - (num - 1):
+        raise SdloraError(
+            f"--seed must be between 0 and 2**64-1 (with --num {num}: up to "
+            f"{SEED_MAX - (num - 1)}), got {seed}"
+        )
+    if size is not None:
+        width, height = size
+        if width < 8 or height < 8 or width % 8 or height % 8:
+            raise SdloraError(f"--size must be multiples of 8, got {width}x{height}")
+        if width * height > max_pixels:
+            raise SdloraError(
+                f"--size {width}x{height} is {width * height} pixels, more than {max_pixels}; "
+                "choose a smaller size or raise --max-pixels"
+            )
 
 
 def with_triggers(prompt: str, loras: list[LoraSpec], mode: str = "warn") -> str:
@@ -152,7 +205,7 @@ class Generator:
         loras = list(loras)
         family = base.family if isinstance(base, Base) else None
         for spec in loras:
-            if not spec.path.is_file():
+            if not _is_file(spec.path):
                 raise SdloraError(f"LoRA file {spec.path} does not exist")
             spec.lora = read_lora(spec.path, allow_pickle)
             family = family or base_family(base)
@@ -172,8 +225,9 @@ class Generator:
         if fuse and loras:
             generator.pipeline().fuse_lora(adapter_names=generator.adapters())  # in fp32
             generator.fused = True
-        for model in (base.unet, base.vae, *base.text_encoders.values()):
+        for model in (base.unet, *base.text_encoders.values()):
             model.to(target, torch_dtype)
+        base.vae.to(target, vae_dtype(base, torch_dtype))
         return generator
 
     def adapters(self) -> list[str]:
@@ -246,6 +300,21 @@ def placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, 
     return torch.device(device), DTYPES[dtype]
 
 
+def vae_dtype(base: Base, dtype: torch.dtype) -> torch.dtype:
+    """SDXL's VAE overflows to NaN in half precision (its config's `force_upcast`): under fp16
+    and bf16 it stays in float32, as diffusers' SDXL pipelines upcast it; the half-precision
+    latents are cast up on the way in."""
+    if dtype == torch.float32 or base.family != "sdxl" or not base.vae.config.get("force_upcast"):
+        return dtype
+    first = getattr(base.vae, "post_quant_conv", None) or base.vae.decoder
+    first.register_forward_pre_hook(_to_float32)
+    return torch.float32
+
+
+def _to_float32(module: torch.nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+
 def adapter_name(i: int) -> str:
     return f"lora{i}"
 
@@ -274,10 +343,26 @@ def generate(
     `device`/`dtype`: see `placement` (by default a GPU in fp16 when there is one).
     """
     check_sampler(sampler)
+    check_settings(steps, cfg, seed, num, size, MAX_PIXELS)
     prompt, tagged = prompt_loras(prompt, Path(lora_dir) if lora_dir else None)
     generator = Generator.load(base, [*loras, *tagged], fuse=fuse, device=device, dtype=dtype)
     prompt = with_triggers(prompt, generator.loras, trigger)
     return generator.render(prompt, negative, steps, cfg, seed, size, num, sampler)
+
+
+def parse_grid(text: str) -> tuple[str, list[str]]:
+    """`scales=0,0.5,1` or `trigger=on,off` as (axis, values), checked before a model loads."""
+    axis, _, values = text.partition("=")
+    cells = [v.strip() for v in values.split(",")]
+    if axis == "scales":
+        for value in cells:
+            _scale(value, f"scales={value}")
+    elif axis == "trigger":
+        if not set(cells) <= {"on", "off"}:
+            raise SdloraError(f"--grid trigger takes on and off, got {values!r}")
+    else:
+        raise SdloraError(f"--grid takes scales=... or trigger=..., got {axis!r}")
+    return axis, cells
 
 
 def grid_images(
@@ -312,8 +397,11 @@ def grid_images(
 
 
 def infotext(prompt, negative, steps, sampler, cfg, seed, size, model, model_hash, loras) -> str:
-    """A1111's `parameters` text: prompt, `Negative prompt:`, then `Key: value` settings."""
-    lines = [prompt]
+    """A1111's `parameters` text: the prompt with a `<lora:NAME:SCALE>` tag per LoRA,
+    `Negative prompt:`, then `Key: value` settings with `Lora hashes` (as A1111 writes them, so
+    its PNG Info and "send to txt2img" reproduce the image)."""
+    tags = [f"<lora:{s.name}:{s.scale:g}>" for s in loras if s.lora is not None]
+    lines = [" ".join(([prompt] if prompt else []) + tags)]
     if negative:
         lines.append(f"Negative prompt: {negative}")
     settings = [
@@ -355,9 +443,14 @@ def _file_autov3(path: Path) -> str:
     return sha256_after_header(path.read_bytes())[:12]
 
 
+def check_output_folder(out_dir: Path) -> None:
+    """Refuse an output folder that is a file (before a model is loaded for it)."""
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise SdloraError(f"--out {out_dir} is a file; give a folder for the images")
+
+
 def save_images(images: list[Image.Image], out_dir: Path, prefix: str = "image") -> list[Path]:
     """Write PNGs with their infotext to `out_dir`; existing files are never replaced."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths, n = [], 0
     for image in images:
         while (out_dir / f"{prefix}_{n:05d}.png").exists():

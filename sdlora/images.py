@@ -40,8 +40,11 @@ def grid(
     return canvas
 
 
-def save_grid(images, labels, path: Path, title: str = "", columns: int | None = None) -> Path:
-    return save_png(grid(images, labels, columns, title), path)
+def save_grid(
+    images, labels, path: Path, title: str = "", columns: int | None = None, text=None
+) -> Path:
+    """A grid saved as a PNG, with optional text chunks (e.g. A1111's `parameters`)."""
+    return save_png(grid(images, labels, columns, title), path, text)
 
 
 def save_png(image: Image.Image, path: Path, text: dict[str, str] | None = None) -> Path:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from sdlora.errors import SdloraError
@@ -54,36 +56,49 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, dict[str, str]]:
     """(tensor entries, metadata) of a safetensors file, from its header alone.
 
     Raises a message naming the file for a missing, empty, truncated, git-lfs pointer or
-    non-safetensors file.
+    non-safetensors file, and for a header that does not describe its tensors' bytes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SdloraError(f"{path} does not exist")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if size == 0:
-            raise SdloraError(f"{path} is empty (0 bytes): the download or copy did not finish")
-        if head.startswith(b"version "):
-            raise SdloraError(
-                f"{path} is a git-lfs pointer, not the weights: run `git lfs pull` in its repo"
-            )
-        if len(head) < 8:
-            raise SdloraError(f"{path} is truncated ({size} bytes): download it again")
-        n = struct.unpack("<Q", head)[0]
-        if n > size - 8 or n > 100_000_000:
-            raise SdloraError(
-                f"{path} is not a safetensors file or is truncated (header of {n} bytes "
-                f"in a file of {size}); download it again"
-            )
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SdloraError(
-                f"{path} has a corrupt safetensors header; download it again"
-            ) from None
+    try:
+        _require_file(path)
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if size == 0:
+                raise SdloraError(f"{path} is empty (0 bytes): the download or copy did not finish")
+            if head.startswith(b"version "):
+                raise SdloraError(
+                    f"{path} is a git-lfs pointer, not the weights: run `git lfs pull` in its repo"
+                )
+            if len(head) < 8:
+                raise SdloraError(f"{path} is truncated ({size} bytes): download it again")
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8 or n > 100_000_000:
+                raise SdloraError(
+                    f"{path} is not a safetensors file or is truncated (header of {n} bytes "
+                    f"in a file of {size}); download it again"
+                )
+            raw = f.read(n)
+    except (OSError, ValueError) as e:  # unreadable, a name the system refuses
+        raise SdloraError(f"{path} cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, nested beyond reason
+        raise SdloraError(f"{path} has a corrupt safetensors header; download it again") from None
+    if not isinstance(header, dict):
+        raise SdloraError(
+            f"{path} has a safetensors header that is a JSON {type(header).__name__}, "
+            "not an object of tensors; the file is damaged or not safetensors"
+        )
     metadata = header.pop("__metadata__", None) or {}
-    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SdloraError(
+            f"{path} has safetensors metadata that is not text keys and values; "
+            "the file is damaged or was written by a broken tool"
+        )
+    end = 0
+    for name, entry in header.items():
+        end = max(end, _tensor_end(path, name, entry))
     if 8 + n + end > size:
         raise SdloraError(
             f"{path} is truncated: {size} bytes where the header describes {8 + n + end}; "
@@ -92,12 +107,52 @@ def read_safetensors_header(path: str | Path) -> tuple[dict, dict[str, str]]:
     return header, metadata
 
 
+# safetensors dtype names -> bytes per element.
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+def _tensor_end(path: Path, name: str, entry) -> int:
+    """Where tensor `name`'s bytes end, after checking its header entry describes them."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise SdloraError(f"{where} has no description (dtype, shape, data_offsets) in the header")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise SdloraError(f"{where} has an unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
+        raise SdloraError(f"{where} has no valid shape (got {shape!r})")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_count(o) for o in offsets):
+        raise SdloraError(f"{where} has no valid data_offsets (got {offsets!r})")
+    begin, end = offsets
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end - begin != expected:
+        raise SdloraError(
+            f"{where} has shape {shape} ({dtype}: {expected} bytes) but a byte range of "
+            f"{end - begin}; the file is damaged"
+        )
+    return end
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise SdloraError(f"{path} " + ("is not a file" if path.exists() else "does not exist"))
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def load_state_dict(path: str | Path, allow_pickle: bool = False) -> tuple[dict, dict[str, str]]:
     """(tensors, metadata) of a `.safetensors` file, or of a pickle only when allowed."""
     path = Path(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not path.is_file():
-            raise SdloraError(f"{path} does not exist")
+        try:
+            _require_file(path)
+        except (OSError, ValueError) as e:
+            raise SdloraError(f"{path} cannot be read: {e}") from None
         if not allow_pickle:
             raise SdloraError(
                 f"{path} is a pickle checkpoint, which can run code when loaded; convert it to "
@@ -110,20 +165,52 @@ def load_state_dict(path: str | Path, allow_pickle: bool = False) -> tuple[dict,
                 f"{path} could not be loaded safely (weights_only=True): {e}"
             ) from None
         data = data.get("state_dict", data) if isinstance(data, dict) else data
-        return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}, {}
+        if not isinstance(data, dict):
+            raise SdloraError(f"{path} holds a {type(data).__name__}, not tensors by name")
+        tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+        return {k: v for k, v in tensors.items() if isinstance(k, str)}, {}
     _, metadata = read_safetensors_header(path)
-    return load_file(str(path)), metadata
+    try:
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise SdloraError(f"{path} is not a readable safetensors file: {e}") from None
 
 
-def read_lora(path: str | Path, allow_pickle: bool = False) -> Lora:
-    """Read a kohya or diffusers/peft LoRA file into the canonical form."""
+def read_lora(path: str | Path, allow_pickle: bool = False, finite: bool = True) -> Lora:
+    """Read a kohya or diffusers/peft LoRA file into the canonical form.
+
+    With `finite` (for every use but inspecting it), a file holding NaN or infinity is refused.
+    """
     path = Path(path)
     tensors, metadata = load_state_dict(path, allow_pickle)
     lora = lora_from_state_dict(tensors, metadata, source=str(path))
+    if finite:
+        require_finite(lora, str(path))
     from sdlora.families import detect_lora_family
 
     lora.family = detect_lora_family(lora).family
     return lora
+
+
+def nonfinite_modules(lora: Lora, first_only: bool = False) -> list[str]:
+    """`component:path` of the modules whose matrices or alpha hold NaN or infinity."""
+    bad = []
+    for component, path, m in lora.modules():
+        if not (math.isfinite(m.alpha) and bool(m.down.isfinite().all() & m.up.isfinite().all())):
+            bad.append(f"{component}:{path}")
+            if first_only:
+                break
+    return bad
+
+
+def require_finite(lora: Lora, source: str) -> None:
+    """Refuse a LoRA holding NaN or infinity: applied, it turns every image into noise."""
+    bad = nonfinite_modules(lora, first_only=True)
+    if bad:
+        raise SdloraError(
+            f"{source} holds NaN or infinite values (first in module {bad[0]}); it cannot be "
+            "used. `sdlora inspect` lists the modules; take an earlier file or checkpoint"
+        )
 
 
 def lora_from_state_dict(tensors: dict, metadata: dict[str, str], source: str = "LoRA") -> Lora:
@@ -171,7 +258,12 @@ def _from_diffusers(tensors: dict, metadata: dict, source: str) -> Lora:
             raise SdloraError(f"{source}: unexpected key {key!r} in a diffusers LoRA file")
         component, path = _diffusers_path(key[: -len(suffix)])
         parts.setdefault((component, path), {})[DIFFUSERS_SUFFIXES[suffix]] = tensor
-    configs = json.loads(metadata.get(METADATA_KEY, "{}") or "{}")
+    try:
+        configs = json.loads(metadata.get(METADATA_KEY, "{}") or "{}")
+    except ValueError:
+        configs = None
+    if not isinstance(configs, dict):
+        raise SdloraError(f"{source}: its {METADATA_KEY} metadata is not a JSON object")
     return _assemble(parts, configs, metadata, source, "diffusers")
 
 
@@ -192,21 +284,42 @@ def _assemble(parts: dict, configs: dict, metadata: dict, source: str, file_form
             missing = "down" if "down" not in roles else "up"
             raise SdloraError(f"{source}: module {path} of {component} has no {missing} matrix")
         down, up = roles["down"], roles["up"]
+        _check_shapes(down, up, roles.get("alpha"), f"{source}: module {component}:{path}")
         if "alpha" in roles:
             alpha = float(roles["alpha"].item())
         else:
-            alpha = _configured_alpha(configs, component, path, rank=down.shape[0])
+            alpha = _configured_alpha(configs, component, path, rank=down.shape[0], source=source)
         lora.components.setdefault(component, {})[path] = LoraModule(down, up, alpha)
     return lora
 
 
-def _configured_alpha(configs: dict, component: str, path: str, rank: int) -> float:
+def _check_shapes(down, up, alpha, where: str) -> None:
+    """Refuse a module whose matrices cannot form ΔW = up @ down (or whose alpha is no scalar)."""
+    shapes = f"down {list(down.shape)}, up {list(up.shape)}"
+    if not (down.is_floating_point() and up.is_floating_point()):
+        raise SdloraError(f"{where} holds {down.dtype}/{up.dtype} matrices, not floating point")
+    if down.dim() not in (2, 4) or up.dim() not in (2, 4) or 0 in (*down.shape, *up.shape):
+        raise SdloraError(f"{where} has matrices of no LoRA's shape ({shapes})")
+    if up.shape[1] != down.shape[0]:
+        raise SdloraError(f"{where}: down and up disagree on the rank ({shapes})")
+    if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+        raise SdloraError(f"{where}: the up matrix of a conv LoRA must be 1x1 ({shapes})")
+    if alpha is not None and (alpha.numel() != 1 or alpha.is_complex()):
+        raise SdloraError(
+            f"{where}: alpha has shape {list(alpha.shape)}; a single number is expected"
+        )
+
+
+def _configured_alpha(configs: dict, component: str, path: str, rank: int, source: str) -> float:
     """Alpha from diffusers' adapter metadata (peft's `alpha_pattern`, then `lora_alpha`);
     without metadata the scale is 1, i.e. alpha = rank."""
-    for key, value in (configs.get(f"{component}.alpha_pattern") or {}).items():
-        if path == key or path.endswith("." + key):
-            return float(value)
-    return float(configs.get(f"{component}.lora_alpha", rank))
+    patterns = configs.get(f"{component}.alpha_pattern") or {}
+    value = configs.get(f"{component}.lora_alpha", rank)
+    if isinstance(patterns, dict):
+        value = next((v for k, v in patterns.items() if path == k or path.endswith("." + k)), value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise SdloraError(f"{source}: the alpha of {component}:{path} in its metadata is {value!r}")
+    return float(value)
 
 
 def trigger_words(metadata: dict[str, str]) -> list[str]:
@@ -216,24 +329,31 @@ def trigger_words(metadata: dict[str, str]) -> list[str]:
     words = [w.strip() for w in phrase.split(",") if w.strip()]
     if words:
         return words
-    try:
-        folders = json.loads(metadata.get("ss_tag_frequency", "{}") or "{}")
-    except json.JSONDecodeError:
-        return []
-    images = {}
-    try:
-        images = {
-            k: v.get("img_count")
-            for k, v in json.loads(metadata.get("ss_dataset_dirs", "{}")).items()
-        }
-    except (json.JSONDecodeError, AttributeError):
-        pass
+    folders = _json_object(metadata.get("ss_tag_frequency"))
+    images = {
+        k: v.get("img_count")
+        for k, v in _json_object(metadata.get("ss_dataset_dirs")).items()
+        if isinstance(v, dict)
+    }
     for folder, counts in folders.items():
+        if not isinstance(counts, dict):
+            continue
+        counts = {t: n for t, n in counts.items() if isinstance(n, (int, float))}
         if not counts:
             continue
-        top = images.get(folder) or max(counts.values())
+        top = images.get(folder)
+        top = top if isinstance(top, (int, float)) and top else max(counts.values())
         words += [tag for tag, n in counts.items() if n >= top and tag not in words]
     return words
+
+
+def _json_object(text: str | None) -> dict:
+    """A metadata value holding a JSON object, or {} when it holds anything else."""
+    try:
+        value = json.loads(text or "{}")
+    except (ValueError, RecursionError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def inspect_lora(path: str | Path, allow_pickle: bool = False) -> dict:
@@ -241,7 +361,7 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> dict:
     from sdlora.families import FAMILIES, LABEL_KEY, detect_lora_family
 
     path = Path(path)
-    lora = read_lora(path, allow_pickle)
+    lora = read_lora(path, allow_pickle, finite=False)
     detection = detect_lora_family(lora)
     data = path.read_bytes()
     file_sha = hashlib.sha256(data).hexdigest()
@@ -261,7 +381,8 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> dict:
         "prediction_type": prediction,
         "base_label": lora.metadata.get(LABEL_KEY, ""),
         "ranks": sorted({m.rank for _, _, m in lora.modules()}),
-        "alphas": sorted({m.alpha for _, _, m in lora.modules()}),
+        "alphas": _alphas(lora),
+        "non_finite_modules": nonfinite_modules(lora),
         "modules": {c: lora.count(c) for c in ("unet", "text_encoder", "text_encoder_2")},
         "trigger_words": trigger_words(lora.metadata),
         "hashes": {
@@ -273,6 +394,13 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> dict:
         },
         "metadata": lora.metadata,
     }
+
+
+def _alphas(lora: Lora) -> list:
+    """The distinct alphas, NaN and infinity as text (JSON has no numbers for them)."""
+    alphas = {m.alpha for _, _, m in lora.modules()}
+    finite = sorted(a for a in alphas if math.isfinite(a))
+    return finite + sorted({str(a) for a in alphas if not math.isfinite(a)})
 
 
 def sha256_after_header(data: bytes) -> str:

@@ -26,6 +26,7 @@ from sdlora.checkpoint import (
     StopOnSignal,
     check_finite,
     find_checkpoint,
+    remove_incomplete,
     restore_checkpoint,
     training_state,
 )
@@ -117,6 +118,8 @@ def train(
     device, main = accelerator.device, accelerator.is_main_process
     processes = accelerator.num_processes
     say = print if main else _quiet
+    for stale in remove_incomplete(run_dir) if main else ():
+        say(f"sdlora: removed {stale}: a checkpoint left half-written by a killed run")
 
     # Data first: every file decoded, a bad folder fails before any model loads.
     scan = scan_dataset(c_data)

@@ -77,7 +77,7 @@ def test_generate_writes_pngs_with_infotext(trained, tmp_path):
     with Image.open(pngs[0]) as img:
         assert img.size == (64, 64)
         params = img.info["parameters"]
-    assert params.startswith("zkstripes, a circle\nSteps: 2, Sampler: DDIM")
+    assert params.startswith("zkstripes, a circle <lora:style:0.8>\nSteps: 2, Sampler: DDIM")
     assert 'Lora hashes: "style: ' in params
 
 

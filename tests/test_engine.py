@@ -457,3 +457,18 @@ def test_a_failure_after_the_lora_is_saved_says_so_and_writes_run_json(
     assert load_file(out / "style.safetensors")
     report = json.loads((out / "run.json").read_text())
     assert report["steps"] == 2 and "can't allocate memory" in report["error"]
+
+
+def test_a_run_removes_checkpoint_folders_a_killed_run_left_half_written(
+    style_dir, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    train(_config(style_dir, out, 2, "train.save_every=2"), progress=False)
+    stale = out / "checkpoints" / ".step_000004.k1ll3d"
+    stale.mkdir()
+    (stale / "lora.safetensors").write_bytes(b"half")
+    config = _config(style_dir, out, 4, "train.save_every=2", "train.resume=latest")
+    train(config, progress=False)
+    assert not stale.exists()
+    assert f"removed {stale}" in capsys.readouterr().out
+    assert [p.name for p in complete_checkpoints(out)] == ["step_000002", "step_000004"]

@@ -1,5 +1,7 @@
 """Generation with LoRAs: guard first, triggers, prompt tags, grids, infotext, fusing, merge."""
 
+import json
+import re
 import subprocess
 import sys
 import warnings
@@ -71,7 +73,7 @@ def test_trigger_words_auto_and_warning(loras):
         image = generate(
             "tiny:sd1", [LoraSpec(loras["a"])], prompt="a circle", steps=1, trigger="auto"
         )[0]
-    assert image.info["parameters"].splitlines()[0] == "zkfoo, a circle"
+    assert image.info["parameters"].splitlines()[0] == "zkfoo, a circle <lora:stylea:1>"
 
 
 def test_prompt_lora_tags_resolve_in_the_lora_dir(loras):
@@ -94,7 +96,7 @@ def test_infotext_carries_a1111_fields(loras, tmp_path):
     with safe_open(str(loras["a"]), "pt") as f:
         model_hash = f.metadata()["sshs_model_hash"]
     prompt, negative, settings = text.splitlines()
-    assert prompt == "zkfoo, a circle" and negative == "Negative prompt: blurry"
+    assert prompt == "zkfoo, a circle <lora:stylea:0.8>" and negative == "Negative prompt: blurry"
     assert settings.startswith("Steps: 2, Sampler: Euler a, CFG scale: 5, Seed: 42, Size: 64x64")
     assert settings.endswith(f'Lora hashes: "stylea: {model_hash[:12]}"')
 
@@ -183,3 +185,170 @@ def test_placement_refuses_what_cannot_run(device, dtype, message):
         with pytest.raises(SdloraError, match="no CUDA device"):
             placement("cuda", "auto")
         assert placement() == (torch.device("cpu"), torch.float32)
+
+
+def _no_model_loads(monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(sys.modules["sdlora.generate"], "load_base", no_loading)
+    monkeypatch.setattr(sys.modules["sdlora.generate"], "base_family", no_loading)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "--steps must be from 1 to 1000, got 0"),
+        (["--steps", "-3"], "--steps must be from 1 to 1000, got -3"),
+        (["--steps", "99999999999999999999"], "--steps must be from 1 to 1000"),
+        (["--num", "0"], "--num must be from 1 to 10000, got 0"),
+        (["--num", "-1"], "--num must be from 1 to 10000, got -1"),
+        (["--num", str(2**64)], "--num must be from 1 to 10000"),
+        (["--seed", "99999999999999999999"], "--seed must be between 0 and 2**64-1"),
+        (["--seed", "-1"], "--seed must be between 0 and 2**64-1"),
+        (["--seed", str(2**64 - 1), "--num", "2"], "(with --num 2: up to"),
+        (["--cfg", "nan"], "--cfg must be a finite number, got nan"),
+        (["--cfg=-inf"], "--cfg must be a finite number"),
+        (["--size", "65536x65536"], "is 4294967296 pixels, more than 16777216"),
+        (["--size", "1024x1024", "--max-pixels", "1000"], "raise --max-pixels"),
+        (["--size", "0x64"], "positive multiples of 8"),
+        (["--steps", "many"], "invalid int value: 'many'"),
+        (["--lora", "{a}:nan"], "LoRA scale 'nan'"),
+        (["--lora", "{a}:1e309"], "LoRA scale '1e309'"),
+        (["--prompt", "x <lora:stylea:inf>", "--lora-dir", "{root}"], "LoRA scale 'inf'"),
+        (["--prompt", "x <lora:stylea:nan>", "--lora-dir", "{root}"], "LoRA scale 'nan'"),
+        (["--prompt", "x <lora:stylea:1e309>", "--lora-dir", "{root}"], "not a finite number"),
+        (["--grid", "scales=0,nan"], "LoRA scale 'nan' in 'scales=nan'"),
+        (["--grid", "trigger=maybe"], "--grid trigger takes on and off"),
+        (["--grid", "seeds=1,2"], "--grid takes scales=... or trigger=..."),
+        (["--out", "{a}"], "is a file; give a folder"),
+    ],
+)
+def test_generate_arguments_are_checked_before_any_model_loads(
+    loras, tmp_path, capsys, monkeypatch, args, message
+):
+    _no_model_loads(monkeypatch)
+    args = [a.format(**{k: str(v) for k, v in loras.items()}) for a in args]
+    defaults = {"--prompt": "a circle", "--out": str(tmp_path / "o")}
+    args += [x for k, v in defaults.items() if k not in args for x in (k, v)]
+    assert main(["generate", "--base", "tiny:sd1", *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_pixels_lets_a_larger_size_through(loras, tmp_path):
+    out = tmp_path / "o"
+    assert main(["generate", "--base", "tiny:sd1", "--prompt", "x", "--steps", "1", "--size",
+                 "64x128", "--max-pixels", "8192", "--out", str(out)]) == 0  # fmt: skip
+    with Image.open(out / "image_00000.png") as image:
+        assert image.size == (64, 128)
+
+
+def test_prompt_tags_cannot_name_files_outside_the_lora_dir(loras, tmp_path, monkeypatch):
+    _no_model_loads(monkeypatch)
+    inside = tmp_path / "loras"
+    inside.mkdir()
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(loras["a"].read_bytes())
+    for tag in ("../outside", str(tmp_path / "outside"), "sub/../../outside", ".."):
+        with pytest.raises(SdloraError, match=f"<lora:{re.escape(tag)}> in the prompt is a path"):
+            prompt_loras(f"a circle <lora:{tag}:1>", inside)
+    assert prompt_loras("a circle <lora:stylea:1>", loras["root"])[1][0].path == loras["a"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_the_sdxl_vae_stays_in_fp32_under_bf16(loras, dtype):
+    generator = Generator.load("tiny:sdxl", [LoraSpec(loras["xl"])], device="cpu", dtype=dtype)
+    assert generator.base.vae.dtype == torch.float32
+    assert generator.base.unet.dtype == {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    image = generator.render("zkxl, a square", steps=1)[0]
+    assert np.asarray(image).std() > 0
+    sd1 = Generator.load("tiny:sd1", [], device="cpu", dtype="bf16")  # no force_upcast use there
+    assert sd1.base.vae.dtype == torch.bfloat16
+
+
+# A1111's reader of PNG infotext (modules/infotext_utils.py, parse_generation_parameters), as
+# it splits the text: prompt lines, `Negative prompt:` lines, then the settings line.
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+A1111_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+def parse_a1111(text: str) -> dict:
+    *lines, last = text.strip().split("\n")
+    if len(A1111_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, done = "", "", False
+    for i, line in enumerate(lines):
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done, line = True, line[16:].strip()
+        if done:
+            negative += ("" if negative == "" else "\n") + line
+        else:
+            prompt += ("" if i == 0 else "\n") + line
+    result = {"Prompt": prompt, "Negative prompt": negative}
+    for key, value in A1111_PARAM.findall(last):
+        result[key] = json.loads(value) if value.startswith('"') else value
+    return result
+
+
+def test_infotext_reads_back_in_a1111_with_lora_tags_and_hashes(loras, tmp_path):
+    from sdlora.lorafile import sha256_after_header
+
+    out = tmp_path / "out"
+    assert main(["generate", "--base", "tiny:sd1", "--lora", f"{loras['a']}:0.8", "--prompt",
+                 "zkfoo, a circle <lora:styleb:0.5>", "--lora-dir", str(loras["root"]),
+                 "--negative", "blurry", "--steps", "2", "--out", str(out)]) == 0  # fmt: skip
+    with Image.open(out / "image_00000.png") as img:
+        info = parse_a1111(img.info["parameters"])
+    # A1111's LoRA hash: sha256 of a safetensors file's bytes after its header (AutoV3).
+    hashes = {loras[n].stem: sha256_after_header(loras[n].read_bytes())[:12] for n in "ab"}
+    tags = A1111_EXTRA_NETWORK.findall(info["Prompt"])
+    assert tags == [("lora", "stylea:0.8"), ("lora", "styleb:0.5")]
+    assert A1111_EXTRA_NETWORK.sub("", info["Prompt"]).strip() == "zkfoo, a circle"
+    assert info["Negative prompt"] == "blurry" and info["Steps"] == "2"
+    assert info["Lora hashes"] == f"stylea: {hashes['stylea']}, styleb: {hashes['styleb']}"
+
+    assert main(["generate", "--base", "tiny:sd1", "--lora", str(loras["a"]), "--prompt", "zkfoo",
+                 "--steps", "1", "--grid", "scales=0.25,1", "--out", str(out)]) == 0  # fmt: skip
+    with Image.open(out / "grid_scales.png") as grid:
+        info = parse_a1111(grid.info["parameters"])
+    assert info["Prompt"] == "zkfoo <lora:stylea:0.25>" and info["Steps"] == "1"
+    assert info["Lora hashes"] == f"stylea: {hashes['stylea']}"
+
+
+def test_merge_refuses_a_pickle_file_name(loras, tmp_path, capsys, monkeypatch):
+    _no_model_loads(monkeypatch)
+    for name in ("x.ckpt", "x.pt"):
+        out = tmp_path / name
+        assert main(["merge", "--base", "tiny:sd1", "--lora", str(loras["a"]), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert "merge writes a diffusers folder or one .safetensors" in err
+        assert not out.exists()
+
+
+def test_merge_leaves_nothing_on_a_full_disk_or_an_overflow(loras, tmp_path, capsys, monkeypatch):
+    import errno
+    import os
+
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", disk_full)
+        out = tmp_path / "merged"
+        assert main(["merge", "--base", "tiny:sd1", "--lora", str(loras["a"]), "-o", str(out)]) == 2
+    assert "merged could not be written: the disk is full" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+    lora = random_lora("sd1", alpha=4, std=1e20)
+    for _, _, module in lora.modules():
+        module.down.mul_(1e20)  # each matrix finite, their product past float32's range
+    huge = save_lora(tmp_path / "huge.safetensors", lora, "sd1", "kohya", {}, "fp32")
+    assert main(["merge", "--base", "tiny:sd1", "--lora", str(huge), "-o", str(out)]) == 2
+    assert "is not finite (the LoRAs' update is too large" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["huge.safetensors"]

@@ -26,7 +26,8 @@ class Preflight:
     scan: Scan
     report: dict
     rows: list[list[str]]
-    """thumbnail (markdown image), file, size, bucket, status, caption (the sidecar's text)."""
+    """thumbnail (markdown image), file, size, bucket, status, caption (the sidecar's text);
+    the reasons of skipped files and warnings are in `report`."""
 
 
 def preflight(folder: str | Path, trigger: str, resolution: int, caption_ext: str) -> Preflight:
@@ -39,12 +40,9 @@ def preflight(folder: str | Path, trigger: str, resolution: int, caption_ext: st
         ok = entry["status"] != "skipped"
         size = "x".join(str(v) for v in entry.get("size", ())) or "-"
         caption = read_caption(scan.root, entry["file"], caption_ext) if ok else ""
-        status = entry["status"]
-        if entry["reasons"]:
-            status += ": " + "; ".join(entry["reasons"])
         rows.append(
-            [thumbnail(path) if ok else "", entry["file"], size, entry.get("bucket", "-"), status]
-            + [caption]
+            [thumbnail(path) if ok else "", entry["file"], size, entry.get("bucket", "-")]
+            + [entry["status"], caption]
         )
     return Preflight(scan, data, rows)
 

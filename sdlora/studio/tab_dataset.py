@@ -27,6 +27,7 @@ def build(queue: JobQueue) -> None:
         interactive=True,
         static_columns=[0, 1, 2, 3, 4],
         wrap=True,
+        column_widths=["80px", "22%", "9%", "9%", "9%", "auto"],
         elem_id="ds-table",
         label="Files (edit a caption in the table, then Save captions)",
     )

@@ -44,7 +44,8 @@ def build(queue: JobQueue) -> None:
     table = gr.Dataframe(headers=["job", "kind", "title", "status", "steps", "queued at"],
                          interactive=False, elem_id="w-jobs", label="Queue")  # fmt: skip
     with gr.Row():
-        pick = gr.Dropdown(label="Watch job", choices=[], elem_id="w-job", scale=2)
+        pick = gr.Dropdown(label="Watch job", choices=[], allow_custom_value=True,
+                           elem_id="w-job", scale=2)  # fmt: skip
         stop = gr.Button("Stop", variant="stop", elem_id="w-stop")
         more = gr.Number(100, label="More steps", precision=0, elem_id="w-more")
         resume = gr.Button("Continue", elem_id="w-continue")
@@ -64,9 +65,12 @@ def build(queue: JobQueue) -> None:
     def refresh(chosen, last):
         jobs = queue.jobs()
         ids = [job.id for job in reversed(jobs)]
-        chosen = chosen if chosen in ids else (ids[0] if ids else None)
+        # The choice is only set when there is none: a tick must not undo the user's pick.
+        pick_update = gr.update(choices=ids)
+        if chosen not in ids:
+            chosen = ids[0] if ids else None
+            pick_update = gr.update(choices=ids, value=chosen)
         rows = job_rows(jobs)
-        pick_update = gr.update(choices=ids, value=chosen)
         if chosen is None:
             return (
                 rows,
@@ -132,7 +136,11 @@ def build(queue: JobQueue) -> None:
             job = runs.submit_continue(queue, chosen, int(n or 0))
         except (SdloraError, KeyError) as e:
             return f"**cannot continue:** {e}", gr.skip()
-        return f"queued job {job.id}: {job.title} (to step {job.steps})", gr.update(value=job.id)
+        ids = [j.id for j in reversed(queue.jobs())]
+        return (
+            f"queued job {job.id}: {job.title} (to step {job.steps})",
+            gr.update(choices=ids, value=job.id),
+        )
 
     resume.click(do_continue, [pick, more], [message, pick])
 

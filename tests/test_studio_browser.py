@@ -287,13 +287,16 @@ def test_a_ui_killed_mid_job_shows_the_true_state_after_restart(page, browser, s
 
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory) -> Path:
-    """A tiny:sd1 LoRA with trigger zkstripes, trained through the library."""
-    from sdlora import load_config, train
+    """A tiny:sd1 LoRA file with trigger zkstripes (random weights: what matters here is the
+    file, its family and its metadata; training is covered by the queue test)."""
+    from conftest import random_lora
 
-    root = tmp_path_factory.mktemp("lora")
-    folder = copy_examples(root / "style")
-    overrides = tiny_overrides(folder, root / "run", 2) + ["sample.report_images=0"]
-    return train(load_config(None, overrides), progress=False).lora_path
+    from sdlora.export import build_metadata, save_lora
+
+    path = tmp_path_factory.mktemp("lora") / "style.safetensors"
+    metadata = build_metadata(family="sd1", title="style", rank=4, alpha=2.0,
+                              trigger_words=["zkstripes"], resolution=64)  # fmt: skip
+    return save_lora(path, random_lora("sd1"), "sd1", "kohya", metadata, "fp32")
 
 
 def test_generate_with_the_lora_shows_the_infotext(page, studio, lora_file, tmp_path):

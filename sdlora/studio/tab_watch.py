@@ -58,7 +58,7 @@ def build(queue: JobQueue) -> None:
     with gr.Row():
         ab = gr.Image(label="A/B: base vs LoRA, without / with trigger", elem_id="w-ab")
         report = gr.Markdown(elem_id="w-report")
-    files = gr.File(label="Run files", file_count="multiple", elem_id="w-files")
+    files = gr.File(label="Run files", file_count="multiple", interactive=False, elem_id="w-files")
     seen = gr.State({})
     pace: dict[str, tuple[int, float]] = {}
 

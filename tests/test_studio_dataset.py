@@ -8,7 +8,7 @@ import time
 import pytest
 
 from sdlora.errors import SdloraError
-from sdlora.studio import dataset_ops, jobs, runs
+from sdlora.studio import dataset_ops, jobs, runs, tab_watch
 from sdlora.studio.jobs import JobQueue
 
 
@@ -80,3 +80,4 @@ def test_auto_caption_runs_as_a_job_and_writes_only_captions(style_dir, tmp_path
     assert sorted(p.suffix for p in style_dir.iterdir()) == [".png"] * 6 + [".txt"] * 6
     stdout = (queue.folder(job.id) / "stdout.log").read_text()
     assert "3 caption(s) written, kept 3 existing" in stdout
+    assert tab_watch.caption_count(queue.folder(job.id) / "stdout.log") == 3  # its progress

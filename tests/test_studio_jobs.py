@@ -125,17 +125,7 @@ def test_a_reused_pid_is_not_taken_for_the_job(tmp_path):
     assert json.loads((folder / "job.json").read_text())["status"] == jobs.FAILED
 
 
-def test_a_failing_job_shows_its_error_text(tmp_path):
-    queue = JobQueue(tmp_path / "ws")
-    job_id, folder = queue.new_folder()
-    missing = tmp_path / "nothing.toml"
-    queue.submit(Job(id=job_id, kind="train", args=["train", str(missing), "--no-progress"]))
-    failed = settle(queue, job_id, 60)
-    assert failed.status == jobs.FAILED and failed.exit_code == 2
-    assert f"sdlora: error: config file {missing} does not exist" in failed.error
-
-
-def test_queued_jobs_run_one_at_a_time_in_order_and_can_be_cancelled(tmp_path):
+def test_queued_jobs_run_one_at_a_time_in_order_fail_in_words_and_can_be_cancelled(tmp_path):
     queue = JobQueue(tmp_path / "ws")
     ids = []
     for _ in range(3):
@@ -148,7 +138,9 @@ def test_queued_jobs_run_one_at_a_time_in_order_and_can_be_cancelled(tmp_path):
     started = queue.tick()
     assert started.id == ids[0]
     assert queue.tick() is None  # one at a time
-    assert settle(queue, ids[0], 60).status == jobs.FAILED
+    failed = settle(queue, ids[0], 60)
+    assert failed.status == jobs.FAILED and failed.exit_code == 2  # a failed job says why
+    assert "sdlora: error: config file absent.toml does not exist" in failed.error
     assert settle(queue, ids[2], 60).status == jobs.FAILED
     assert queue.get(ids[1]).status == jobs.CANCELLED
 

@@ -217,6 +217,7 @@ class JobQueue:
                 stdout=out,
                 stderr=err,
                 cwd=folder,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},  # logs readable while it runs
                 start_new_session=True,  # the job outlives the UI (Ctrl-C or a crash)
             )
         self._children[job.id] = child

@@ -33,13 +33,31 @@ def parse_config(text: str, source: str = "the TOML editor") -> Config:
     return config
 
 
+def suggested_preset(base: str, family: str) -> str | None:
+    """The shipped preset for a base: `demo` for micro, the family's for a real checkpoint,
+    none for the tiny test bases."""
+    if base == "micro":
+        return "demo"
+    if base.startswith("tiny:"):
+        return None
+    return PRESET_FOR_FAMILY.get(family)
+
+
 def preset_dict(path: Path | None) -> dict:
-    """A preset file's sections without its example paths (the form supplies those)."""
+    """A preset file's sections without its placeholder paths (the form supplies those)."""
     if path is None:
         return {}
     raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    raw.get("model", {}).pop("base", None)
+    if raw.get("model", {}).get("base") != "micro":
+        raw.get("model", {}).pop("base", None)
     raw.get("output", {}).pop("dir", None)
+    dataset = raw.get("dataset", {})
+    if "path" in dataset:  # kept when it names a folder that exists (the demo's example set)
+        folder = (path.parent / dataset["path"]).resolve()
+        if folder.is_dir():
+            dataset["path"] = str(folder)
+        else:
+            dataset.pop("path")
     return raw
 
 

@@ -133,20 +133,35 @@ def build(workspace: Path, queue: JobQueue) -> None:
     toml.value, _ = form_to_toml(*initial)
     form_inputs = [preset, *fields.values()]
     for component in form_inputs:
-        component.input(form_to_toml, form_inputs, [toml, error])
-    base.input(family_text, base, family)
+        if component not in (base, preset):
+            component.input(form_to_toml, form_inputs, [toml, error])
     toml.input(toml_to_form, toml, [*fields.values(), error, family])
 
     def suggest_preset(base_value):
         from sdlora.models import base_family
 
         try:
-            fam = base_family(base_value.strip())
+            name = runs.suggested_preset(base_value.strip(), base_family(base_value.strip()))
         except SdloraError:
             return gr.skip()
-        return runs.PRESET_FOR_FAMILY.get(fam, "defaults")
+        return name or gr.skip()
 
-    base.input(suggest_preset, base, preset)
+    def preset_to_form(preset_name, *values):
+        """The preset's own values of the form's settings (the rest stay as they are)."""
+        path = None if preset_name == "defaults" else presets_folder() / f"{preset_name}.toml"
+        raw = runs.preset_dict(path)
+        return [
+            raw.get(KNOBS[name][0], {}).get(KNOBS[name][1], value)
+            for name, value in zip(order, values, strict=True)
+        ]
+
+    fill = dict(fn=preset_to_form, inputs=form_inputs, outputs=list(fields.values()))
+    # A new base: its family shown, its family's preset chosen and filled in, the TOML rebuilt.
+    base.input(family_text, base, family)
+    base.input(suggest_preset, base, preset).then(**fill).then(
+        form_to_toml, form_inputs, [toml, error]
+    )
+    preset.input(**fill).then(form_to_toml, form_inputs, [toml, error])
 
     def checked(text):
         config = runs.parse_config(text)

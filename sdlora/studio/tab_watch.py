@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from pathlib import Path
 
 from sdlora.errors import SdloraError
 from sdlora.studio import runs
@@ -21,7 +22,7 @@ def job_rows(jobs: list[Job]) -> list[list]:
     return rows
 
 
-def progress_text(job: Job, progress: runs.Progress | None) -> str:
+def progress_text(job: Job, progress: runs.Progress | None, captions: int = 0) -> str:
     parts = [f"job **{job.id}** · **{job.status}**"]
     if progress is not None and job.kind == "train":
         total = f"/{job.steps}" if job.steps else ""
@@ -32,9 +33,20 @@ def progress_text(job: Job, progress: runs.Progress | None) -> str:
             parts.append(f"ETA {progress.eta_s:.0f} s")
         if progress.losses:
             parts.append(f"loss {progress.losses[-1]:.4f}")
+    if job.kind == "caption" and job.status != QUEUED:
+        parts.append(f"{captions} caption(s) written")
     if job.status == QUEUED:
         parts.append("waiting for the jobs before it")
     return " · ".join(parts)
+
+
+def caption_count(log: Path) -> int:
+    """Captions an `sdlora caption` job has written so far (it prints a line per file)."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return 0
+    return sum(line.startswith("wrote ") for line in lines)
 
 
 def build(queue: JobQueue) -> None:
@@ -81,7 +93,8 @@ def build(queue: JobQueue) -> None:
             )
         job = next(j for j in jobs if j.id == chosen)
         prog = runs.run_progress(job, pace) if job.kind == "train" and job.run_dir else None
-        text = progress_text(job, prog)
+        captions = caption_count(queue.folder(job.id) / "stdout.log")
+        text = progress_text(job, prog, captions)
         show_error = job.status == FAILED or (job.error and job.status != "done")
         err = gr.update(value=job.error, visible=bool(show_error))
         if prog is None:
@@ -127,7 +140,12 @@ def build(queue: JobQueue) -> None:
         if not chosen:
             return "pick a job"
         job = queue.stop(chosen)
-        return f"job {job.id}: {job.status} (the trainer writes a checkpoint, then ends)"
+        if job.status == "stopping":
+            return (
+                f"job {job.id}: stopping; the trainer finishes its step, writes a checkpoint "
+                "and ends (Stop again: at once, without a checkpoint)"
+            )
+        return f"job {job.id}: {job.status}"
 
     stop.click(do_stop, pick, message)
 

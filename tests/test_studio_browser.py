@@ -204,6 +204,13 @@ def test_queue_watch_stop_continue_finish(page, studio, tmp_path):
     folder = copy_examples(tmp_path / "style")
     run_dir = studio.workspace / "runs" / "story"
     open_tab(page, "Train")
+    base = box(page, "tr-base")
+    base.fill("micro")
+    base.press("Enter")
+    expect(page.locator("#tr-family")).to_contain_text("family: sd1")
+    expect(box(page, "tr-preset")).to_have_value("demo")  # the micro base's preset, filled in
+    expect(box(page, "tr-steps")).to_have_value("300")
+    expect(page.locator("#tr-toml .cm-content")).to_contain_text('base = "micro"')
     set_editor(page, tiny_toml(folder, run_dir, steps=60).replace("steps = 2\n", "steps = 1\n"))
     expect(box(page, "tr-steps")).to_have_value("60")  # the editor updated the form
     set_editor(page, tiny_toml(folder, run_dir, steps=60).replace("[lora]\n", "[lora]\nrnk = 4\n"))

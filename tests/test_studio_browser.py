@@ -328,6 +328,11 @@ def test_generate_with_the_lora_shows_the_infotext(page, studio, lora_file, tmp_
     assert Image.open(saved[-1]).info["parameters"] == text
     shot(page, tmp_path, "generate")
 
+    page.locator("#g-ab").click()
+    expect(page.locator("#g-message")).to_contain_text("A/B from one seed")
+    expect(page.locator("#g-images img")).to_have_count(4)
+    shot(page, tmp_path, "generate-ab")
+
 
 def test_a_mismatched_lora_is_refused_in_words(page, lora_file, tmp_path):
     from playwright.sync_api import expect

@@ -175,3 +175,15 @@ def test_the_core_package_does_not_import_gradio():
     code = "import sys, sdlora, sdlora.cli, sdlora.studio; print('gradio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_finished_run_shows_its_report_grids_and_files(trained):
+    job = Job(id="0001", kind="train", args=[], run_dir=str(trained.run_dir), steps=3)
+    job.status = jobs.DONE
+    progress = runs.run_progress(job, {})
+    assert progress.step == 3 and len(progress.losses) == 3
+    assert progress.report is not None and "style_shift_with_trigger" in progress.report
+    names = [p.name for p in progress.files]
+    assert {"style.safetensors", "ab_grid.png", "run.json", "learning_report.json"} <= set(names)
+    assert [p.name for p in progress.samples] == ["step_000000.png", "step_000003.png"]
+    assert progress.per_s is None  # no pace for a job that is not running

@@ -66,7 +66,7 @@ def build(queue: JobQueue) -> None:
     error = gr.Textbox(label="Error / last log lines", lines=6, elem_id="w-error", visible=False)
     loss = gr.LinePlot(x="step", y="loss", title="loss", elem_id="w-loss", height=260)
     samples = gr.Gallery(label="Sample grids (rows: prompts; newest last)", columns=3,
-                         elem_id="w-samples", height=320)  # fmt: skip
+                         object_fit="contain", elem_id="w-samples", height=320)  # fmt: skip
     with gr.Row():
         ab = gr.Image(label="A/B: base vs LoRA, without / with trigger", elem_id="w-ab")
         report = gr.Markdown(elem_id="w-report")

@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace existing captions too")
     p.add_argument("--captioner", choices=["blip"], default=None, help="caption with a model")
     p.add_argument("--model", default=None, help="captioner checkpoint: local folder or hub id")
+
+    p = sub.add_parser("ui", help="the studio: a local web UI (needs `pip install sdlora[ui]`)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (7860)")
+    p.add_argument("--workspace", default="studio", help="folder for runs and jobs (./studio)")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="required for a non-local --host")
     return parser
 
 
@@ -445,6 +451,13 @@ def cmd_caption(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> int:
+    from sdlora.studio import launch
+
+    launch(args.host, args.port, args.workspace, args.auth)
+    return 0
+
+
 def _print_result(result) -> None:
     if not result.is_main:
         return
@@ -471,4 +484,5 @@ COMMANDS = {
     "push": cmd_push,
     "check": cmd_check,
     "caption": cmd_caption,
+    "ui": cmd_ui,
 }

@@ -1,0 +1,231 @@
+"""What the studio's Train and Watch screens ask of the library: a config from the form or the
+TOML editor, the estimate before a run, queueing a run or its continuation, and reading a run
+folder's progress (log.jsonl, samples, report) while it trains."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomllib
+
+from sdlora.config import Config, config_from_dict, config_to_toml, replace
+from sdlora.errors import SdloraError
+from sdlora.studio.jobs import Job, JobQueue
+
+# Which shipped preset suits a family (configs/); others start from the defaults.
+PRESET_FOR_FAMILY = {"sd1": "sd15-style", "sd2-v": "sd21-768-style", "sdxl": "sdxl-style"}
+RUN_FILES = ("run.json", "learning_report.json", "ab_grid.png", "config.toml", "log.jsonl")
+
+
+def parse_config(text: str, source: str = "the TOML editor") -> Config:
+    """The config the editor's text says, or SdloraError naming the bad key or line."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SdloraError(f"{source} is not valid TOML: {e}") from None
+    config = config_from_dict(raw, source=source)
+    for name, value in (("dataset.path", config.dataset.path), ("output.dir", config.output.dir)):
+        if not Path(value).is_absolute():
+            raise SdloraError(f"{name} in {source} must be an absolute path, got {value!r}")
+    return config
+
+
+def suggested_preset(base: str, family: str) -> str | None:
+    """The shipped preset for a base: `demo` for micro, the family's for a real checkpoint,
+    none for the tiny test bases."""
+    if base == "micro":
+        return "demo"
+    if base.startswith("tiny:"):
+        return None
+    return PRESET_FOR_FAMILY.get(family)
+
+
+def preset_dict(path: Path | None) -> dict:
+    """A preset file's sections without its placeholder paths (the form supplies those)."""
+    if path is None:
+        return {}
+    raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    if raw.get("model", {}).get("base") != "micro":
+        raw.get("model", {}).pop("base", None)
+    raw.get("output", {}).pop("dir", None)
+    dataset = raw.get("dataset", {})
+    if "path" in dataset:  # kept when it names a folder that exists (the demo's example set)
+        folder = (path.parent / dataset["path"]).resolve()
+        if folder.is_dir():
+            dataset["path"] = str(folder)
+        else:
+            dataset.pop("path")
+    return raw
+
+
+def form_config(preset: dict, values: dict[str, dict]) -> Config:
+    """The preset with the form's values (`{"train": {"steps": 100}, ...}`) laid over it."""
+    raw = {section: dict(keys) for section, keys in preset.items()}
+    for section, keys in values.items():
+        raw.setdefault(section, {}).update({k: v for k, v in keys.items() if v is not None})
+    return config_from_dict(raw, source="the form")
+
+
+@dataclass
+class Estimate:
+    images: int
+    repeats: list[int]
+    steps_per_epoch: int
+    steps: int
+    epochs: float
+
+    def text(self) -> str:
+        reps = sorted(set(self.repeats))
+        rep = str(reps[0]) if len(reps) == 1 else f"{reps[0]}-{reps[-1]}"
+        return (
+            f"{self.images} images × {rep} repeats = {sum(self.repeats)} per epoch; "
+            f"{self.steps} steps ≈ {self.epochs:.1f} epochs ({self.steps_per_epoch} steps each)"
+        )
+
+
+def estimate(config: Config) -> Estimate:
+    """Images, repeats, steps and epochs of `config`, from the same scan the trainer does."""
+    from sdlora.dataset import steps_per_epoch
+    from sdlora.train import scan_dataset, total_steps
+
+    scan = scan_dataset(config.dataset)
+    scan.require_examples()
+    per_epoch = steps_per_epoch(scan, config.train.batch_size, config.train.grad_accum)
+    steps = total_steps(scan, config.train)
+    return Estimate(
+        images=len(scan.examples),
+        repeats=[e.repeats for e in scan.examples],
+        steps_per_epoch=per_epoch,
+        steps=steps,
+        epochs=steps / per_epoch,
+    )
+
+
+def submit_train(queue: JobQueue, config: Config, title: str = "") -> Job:
+    """Queue `sdlora train` on `config`. Without checkpoints configured, its last step is kept
+    as one (train.save_every = steps), so Continue can resume it later."""
+    steps = estimate(config).steps
+    if config.train.save_every == 0:
+        config = replace(config, train={"save_every": steps})
+    return _queue_config(queue, config, steps, title or Path(config.output.dir).name)
+
+
+def submit_continue(queue: JobQueue, job_id: str, more_steps: int) -> Job:
+    """Queue `more_steps` more steps of a stopped or finished run, from its newest checkpoint,
+    so the step count goes on where it stopped (`train.resume=latest`)."""
+    from sdlora.checkpoint import complete_checkpoints
+
+    if more_steps < 1:
+        raise SdloraError(f"steps to add must be at least 1, got {more_steps}")
+    job = queue.get(job_id)
+    if job.kind != "train" or job.run_dir is None or job.active:
+        raise SdloraError(f"job {job_id} is not a finished or stopped training run")
+    run_dir = Path(job.run_dir)
+    found = complete_checkpoints(run_dir)
+    if not found:
+        raise SdloraError(
+            f"{run_dir} holds no checkpoint to continue from; train it again with "
+            "train.save_every set"
+        )
+    at = int(found[-1].name.removeprefix("step_"))
+    config = parse_config((run_dir / "config.toml").read_text(encoding="utf-8"), "config.toml")
+    steps = at + more_steps
+    config = replace(
+        config, train={"resume": "latest", "steps": steps, "epochs": None, "save_every": steps}
+    )
+    new = _queue_config(queue, config, steps, f"{Path(job.run_dir).name} +{more_steps}")
+    new.continues = job_id
+    return queue.submit(new)
+
+
+def _queue_config(queue: JobQueue, config: Config, steps: int, title: str) -> Job:
+    job_id, folder = queue.new_folder()
+    path = folder / "config.toml"
+    path.write_text(config_to_toml(config), encoding="utf-8")
+    job = Job(
+        id=job_id,
+        kind="train",
+        args=["train", str(path), "--no-progress"],
+        title=title,
+        run_dir=config.output.dir,
+        steps=steps,
+    )
+    return queue.submit(job)
+
+
+def submit_caption(
+    queue: JobQueue, folder: str, trigger: str, template: str = "", overwrite: bool = False
+) -> Job:
+    """Queue `sdlora caption` on a dataset folder (template captions; only sidecars written)."""
+    if not Path(folder).is_dir():
+        raise SdloraError(f"dataset folder {folder} does not exist")
+    if not trigger.strip():
+        raise SdloraError("a trigger word is needed to caption: it is put first in every caption")
+    args = ["caption", str(Path(folder).resolve()), "--trigger", trigger.strip()]
+    args += ["--template", template] if template else []
+    args += ["--overwrite"] if overwrite else []
+    job_id, _ = queue.new_folder()
+    return queue.submit(Job(id=job_id, kind="caption", args=args, title=f"caption {folder}"))
+
+
+@dataclass
+class Progress:
+    """How far a run is: the logged steps and losses, the pace and what it has written."""
+
+    steps: list[int]
+    losses: list[float]
+    total: int | None
+    per_s: float | None
+    eta_s: float | None
+    samples: list[Path]
+    files: list[Path]
+    report: dict | None
+
+    @property
+    def step(self) -> int:
+        return self.steps[-1] if self.steps else 0
+
+
+def read_log(run_dir: Path) -> tuple[list[int], list[float]]:
+    """Steps and losses of log.jsonl (a line being written is skipped)."""
+    steps, losses = [], []
+    try:
+        lines = (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return steps, losses
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        steps.append(int(entry["step"]))
+        losses.append(float(entry["loss"]))
+    return steps, losses
+
+
+def run_progress(job: Job, pace: dict[str, tuple[int, float]] | None = None) -> Progress:
+    """The progress of `job`'s run. `pace` keeps the first (step, time) seen per job, so the
+    rate is measured over the steps this UI has watched (log.jsonl holds no times)."""
+    run_dir = Path(job.run_dir or ".")
+    steps, losses = read_log(run_dir)
+    per_s = eta = None
+    if pace is not None and steps and job.active:
+        now = time.time()
+        first_step, first_time = pace.setdefault(job.id, (steps[-1], now))
+        if steps[-1] > first_step and now > first_time:
+            per_s = (steps[-1] - first_step) / (now - first_time)
+            if job.steps:
+                eta = max(job.steps - steps[-1], 0) / per_s
+    report = None
+    if (run_dir / "learning_report.json").is_file():
+        try:
+            report = json.loads((run_dir / "learning_report.json").read_text(encoding="utf-8"))
+        except ValueError:
+            report = None
+    samples = sorted((run_dir / "samples").glob("step_*.png")) if run_dir.is_dir() else []
+    files = sorted(run_dir.glob("*.safetensors")) if run_dir.is_dir() else []
+    files += [run_dir / name for name in RUN_FILES if (run_dir / name).is_file()]
+    return Progress(steps, losses, job.steps, per_s, eta, samples, files, report)

@@ -1,0 +1,189 @@
+"""The studio's job queue without a browser: real `sdlora train` children on tiny:sd1, stopped,
+continued, killed, and read back by a fresh queue as a restarted UI would."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_overrides
+
+from sdlora.config import load_config
+from sdlora.studio import jobs, runs
+from sdlora.studio.jobs import Job, JobQueue
+
+
+def tiny_config(dataset: Path, out: Path, steps: int):
+    overrides = tiny_overrides(dataset, out, steps) + ["sample.report_images=0"]
+    return load_config(None, overrides)
+
+
+def wait_for(predicate, timeout=120.0, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def settle(queue, job_id, timeout=120.0):
+    def ended():
+        queue.tick()
+        job = queue.get(job_id)
+        return job if job.status in jobs.FINAL else None
+
+    return wait_for(ended, timeout, f"job {job_id} to end")
+
+
+def test_stop_then_continue_keeps_the_step_count(style_dir, tmp_path):
+    queue = JobQueue(tmp_path / "ws")
+    config = tiny_config(style_dir, tmp_path / "run", steps=40)
+    job = runs.submit_train(queue, config)
+    assert job.status == jobs.QUEUED and job.steps == 40
+    queue.tick()
+    assert queue.get(job.id).status == jobs.RUNNING
+    wait_for(lambda: runs.read_log(tmp_path / "run")[0], what="the first logged step")
+    queue.stop(job.id)
+    stopped = settle(queue, job.id)
+    assert stopped.status == jobs.STOPPED, stopped.error
+    assert stopped.exit_code in jobs.STOP_CODES
+    assert "Resume with" in stopped.error
+    at = runs.read_log(tmp_path / "run")[0][-1]
+    assert 1 <= at < 40
+
+    more = runs.submit_continue(queue, job.id, 2)
+    assert more.steps == at + 2 and more.continues == job.id
+    done = settle(queue, more.id)
+    assert done.status == jobs.DONE, done.error
+    steps, losses = runs.read_log(tmp_path / "run")
+    assert steps == list(range(1, at + 3))  # continuous: no gap, no repeat
+    assert (tmp_path / "run" / "style.safetensors").is_file()
+    # the finished run keeps its last step as a checkpoint, so it can be continued again
+    assert (tmp_path / "run" / "checkpoints" / f"step_{at + 2:06d}").is_dir()
+    progress = runs.run_progress(done)
+    assert progress.step == at + 2 and progress.samples
+
+
+def test_a_killed_ui_and_a_killed_job_show_their_true_state(style_dir, tmp_path):
+    workspace = tmp_path / "ws"
+    queue = JobQueue(workspace)
+    first = runs.submit_train(queue, tiny_config(style_dir, tmp_path / "a", steps=400))
+    second = runs.submit_train(queue, tiny_config(style_dir, tmp_path / "b", steps=2))
+    queue.tick()
+    wait_for(lambda: runs.read_log(tmp_path / "a")[0], what="the first logged step")
+
+    # A restarted UI: a new queue on the same workspace. The job still runs, and nothing else
+    # starts beside it.
+    restarted = JobQueue(workspace)
+    restarted.tick()
+    assert restarted.get(first.id).status == jobs.RUNNING
+    assert restarted.get(second.id).status == jobs.QUEUED
+
+    pid = json.loads((workspace / "jobs" / first.id / "pid.json").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _gone(pid), what="the kill")
+    again = JobQueue(workspace)
+    failed = wait_for(lambda: (j := again.get(first.id)).status == jobs.FAILED and j, 10)
+    assert "ended without reporting how" in failed.error
+    assert failed.exit_code is None
+    # the next job in the queue runs once the dead one is settled
+    assert settle(again, second.id).status == jobs.DONE
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reaps it when it was our child
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1].startswith("Z")
+
+
+def test_a_reused_pid_is_not_taken_for_the_job(tmp_path):
+    queue = JobQueue(tmp_path / "ws")
+    job_id, folder = queue.new_folder()
+    job = Job(id=job_id, kind="train", args=["train", "x.toml"], status=jobs.RUNNING)
+    job.started = time.time() - 3600
+    jobs.write_json(folder / "job.json", dataclasses.asdict(job))
+    (folder / "stderr.log").write_text("sdlora: training...\nlast words\n")
+    # this test's own pid is alive, but it is not the process that started the job
+    jobs.write_json(folder / "pid.json", {"pid": os.getpid(), "created": 12345.0})
+    seen = queue.get(job_id)
+    assert seen.status == jobs.FAILED
+    assert "last words" in seen.error
+    assert json.loads((folder / "job.json").read_text())["status"] == jobs.FAILED
+
+
+def test_queued_jobs_run_one_at_a_time_in_order_fail_in_words_and_can_be_cancelled(tmp_path):
+    queue = JobQueue(tmp_path / "ws")
+    ids = []
+    for _ in range(3):
+        job_id, _ = queue.new_folder()
+        queue.submit(Job(id=job_id, kind="train", args=["train", "absent.toml"]))
+        ids.append(job_id)
+    assert ids == sorted(ids)
+    queue.stop(ids[1])
+    assert queue.get(ids[1]).status == jobs.CANCELLED
+    started = queue.tick()
+    assert started.id == ids[0]
+    assert queue.tick() is None  # one at a time
+    failed = settle(queue, ids[0], 60)
+    assert failed.status == jobs.FAILED and failed.exit_code == 2  # a failed job says why
+    assert "sdlora: error: config file absent.toml does not exist" in failed.error
+    assert settle(queue, ids[2], 60).status == jobs.FAILED
+    assert queue.get(ids[1]).status == jobs.CANCELLED
+
+
+def test_an_invalid_config_names_the_key():
+    with pytest.raises(Exception, match="train.stepz"):
+        runs.parse_config('[dataset]\npath = "/x"\ntrigger = "t"\n[train]\nstepz = 3\n')
+
+
+def test_ui_refuses_a_public_address_without_a_password(capsys):
+    from sdlora.cli import main
+
+    assert main(["ui", "--host", "0.0.0.0", "--workspace", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdlora: error: --host 0.0.0.0") and "--auth" in err
+    assert main(["ui", "--host", "0.0.0.0", "--auth", "nocolon"]) == 2
+    assert "user:password" in capsys.readouterr().err
+
+
+def test_a_password_makes_a_public_address_a_warning():
+    from sdlora.studio.app import check_binding
+
+    assert check_binding("127.0.0.1", None) is None
+    assert check_binding("localhost", None) is None
+    assert "anyone who can reach" in check_binding("0.0.0.0", ("u", "p"))
+
+
+def test_the_core_package_does_not_import_gradio():
+    import subprocess
+    import sys
+
+    code = "import sys, sdlora, sdlora.cli, sdlora.studio; print('gradio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_a_finished_run_shows_its_report_grids_and_files(trained):
+    job = Job(id="0001", kind="train", args=[], run_dir=str(trained.run_dir), steps=3)
+    job.status = jobs.DONE
+    progress = runs.run_progress(job, {})
+    assert progress.step == 3 and len(progress.losses) == 3
+    assert progress.report is not None and "style_shift_with_trigger" in progress.report
+    names = [p.name for p in progress.files]
+    assert {"style.safetensors", "ab_grid.png", "run.json", "learning_report.json"} <= set(names)
+    assert [p.name for p in progress.samples] == ["step_000000.png", "step_000003.png"]
+    assert progress.per_s is None  # no pace for a job that is not running

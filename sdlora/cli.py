@@ -63,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num", type=int, default=1, help="images (seeds seed, seed+1, ...)")
     p.add_argument("--sampler", default="ddim", help="euler, euler_a, dpmpp_2m, ddim, ...")
     p.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        help="what the base predicts, when its file cannot tell (default: the base's, else "
+        "the LoRA's metadata)",
+    )
+    p.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="the base was trained with zero terminal SNR (default: from the base or LoRA)",
+    )
+    p.add_argument(
+        "--guidance-rescale", type=float, help="φ (default: 0.7 with zero terminal SNR, else 0)"
+    )
+    p.add_argument(
         "--trigger",
         default="warn",
         choices=("auto", "warn", "off"),
@@ -214,9 +228,11 @@ def cmd_generate(args) -> int:
         allow_pickle=args.allow_pickle,
         device=args.device,
         dtype=args.dtype,
+        prediction_type=args.prediction_type,
+        zero_terminal_snr=args.zero_terminal_snr,
     )
     render = dict(negative=args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                  size=args.size, sampler=args.sampler)  # fmt: skip
+                  size=args.size, sampler=args.sampler, rescale=args.guidance_rescale)  # fmt: skip
     if args.grid:
         axis, _, values = args.grid.partition("=")
         prompt = prompt if axis == "trigger" else with_triggers(prompt, loras, args.trigger)

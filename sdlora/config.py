@@ -19,7 +19,7 @@ import tomllib
 
 from sdlora.decode import parse_colour
 from sdlora.errors import SdloraError
-from sdlora.families import BASE_LABELS, known_label, same_architecture
+from sdlora.families import BASE_LABELS, PREDICTION_TYPES, known_label, same_architecture
 
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -46,6 +46,9 @@ class ModelConfig:
     base_label: str = ""
     """The base's name as people know it (`Pony`, `Illustrious`, `NoobAI`, `SD 1.5`): recorded
     in the LoRA and its bundle (Civitai's base model); empty: the family's name."""
+    prediction_type: str | None = None
+    """`epsilon` or `v_prediction`: what the base predicts, for a single file that cannot
+    tell (an SDXL v-prediction fine-tune such as NoobAI-XL v-pred); unset: the base says."""
 
     def __post_init__(self):
         if not self.base:
@@ -58,6 +61,17 @@ class ModelConfig:
                 f'model.family={family} (or leave it out) and model.base_label="{label}"'
             )
         _check_choice("model.family", self.family, FAMILIES, optional=True)
+        _check_choice(
+            "model.prediction_type", self.prediction_type, PREDICTION_TYPES, optional=True
+        )
+        if self.prediction_type and self.family in ("sd2", "sd2-v"):
+            wanted = "sd2-v" if self.prediction_type == "v_prediction" else "sd2"
+            if wanted != self.family:
+                raise SdloraError(
+                    f"model.family={self.family} contradicts model.prediction_type="
+                    f"{self.prediction_type}: for SD 2.x set model.family={wanted} or leave "
+                    "one of them out"
+                )
         label = known_label(self.base_label)
         if label and self.family and not same_architecture(BASE_LABELS[label], self.family):
             raise SdloraError(
@@ -203,6 +217,10 @@ class TrainConfig:
     """Min-SNR loss weighting with this gamma (5 is usual); unset: plain MSE."""
     noise_offset: float = 0.0
     """Offset noise strength (0.05-0.1 helps very dark or bright styles)."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule to zero terminal SNR (Lin et al. 2023), for v-prediction
+    bases trained that way (NoobAI-XL v-pred); samples then use trailing timesteps and
+    rescaled guidance. A base whose scheduler config says so gets it without this."""
     save_every: int = 0
     """Write a resumable checkpoint every N steps (0: none)."""
     keep_last: int = 2

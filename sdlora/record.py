@@ -69,6 +69,7 @@ class RunRecord:
             tag_frequency=tag_frequency(self.scan),
             training=self.training_metadata(at_step, steps),
         )
+        metadata.update(lora.metadata)  # what the LoRA knows of its schedule (prediction type)
         export.save_kohya(path, lora, lora.family, metadata, dtype=c.output.dtype)
 
     def training_metadata(self, at_step: int, steps: int) -> dict:

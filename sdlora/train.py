@@ -70,6 +70,7 @@ from sdlora.runtime import (
     take_batch,
     trackers,
 )
+from sdlora.schedule import schedule_metadata
 from sdlora.step import Stepper, assemble_batch, encode_text, vae_scale
 
 
@@ -318,6 +319,8 @@ def base_with_lora(config: Config, train_te: bool, device) -> tuple[Base, torch.
         seed=c_train.seed,
         config_dir=config.model.config_dir,
         allow_pickle=config.model.allow_pickle,
+        prediction_type=config.model.prediction_type,
+        zero_terminal_snr=c_train.zero_terminal_snr,
     )
     if c_train.clip_skip and c_train.clip_skip != 2 and base.family == "sdxl":
         raise SdloraError(
@@ -437,13 +440,14 @@ def param_groups(params: dict[str, dict[str, torch.Tensor]], c_train) -> list[di
 
 
 def collect_lora(base: Base) -> Lora:
-    """The trained adapters of every component in the canonical form."""
+    """The trained adapters of every component in the canonical form, with the metadata of
+    the noise schedule they were trained under."""
     components = {"unet": extract_lora(base.unet)}
     for name, encoder in base.text_encoders.items():
         modules = extract_lora(encoder)
         if modules:
             components[name] = modules
-    return Lora(components=components, family=base.family)
+    return Lora(components, family=base.family, metadata=schedule_metadata(base.scheduler))
 
 
 def _named_lora_parameters(model: torch.nn.Module):

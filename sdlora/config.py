@@ -31,6 +31,7 @@ SAVE_DTYPES = ("fp16", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 CROPS = ("center", "random")
 SMALL_IMAGES = ("skip", "upscale")
+LOSSES = ("mse", "huber", "smooth_l1")
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,13 @@ class TrainConfig:
     """Min-SNR loss weighting with this gamma (5 is usual); unset: plain MSE."""
     noise_offset: float = 0.0
     """Offset noise strength (0.05-0.1 helps very dark or bright styles)."""
+    loss: str = "mse"
+    """`mse`, or `huber` / `smooth_l1` (pseudo-Huber: less pull from outliers) with `huber_c`."""
+    huber_c: float = 0.1
+    """Where the Huber losses turn from quadratic to linear (sd-scripts' default 0.1)."""
+    debiased_estimation: bool = False
+    """Weight each step's loss by 1/√SNR (v-prediction: 1/(SNR+1)), as sd-scripts: less of
+    the fine detail of noise-free steps, more of composition and colour."""
     zero_terminal_snr: bool = False
     """Rescale the noise schedule to zero terminal SNR (Lin et al. 2023), for v-prediction
     bases trained that way (NoobAI-XL v-pred); samples then use trailing timesteps and
@@ -250,6 +258,8 @@ class TrainConfig:
                 f"{self.noise_offset} and {self.save_every}"
             )
         _check_choice("train.attention", self.attention, ATTENTIONS)
+        _check_choice("train.loss", self.loss, LOSSES)
+        _check_positive("train.huber_c", self.huber_c)
         if self.prior_images < 0 or self.prior_weight < 0:
             raise SdloraError(
                 f"train.prior_images and train.prior_weight must be >= 0, got "

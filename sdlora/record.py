@@ -17,6 +17,7 @@ from sdlora.dataset import Scan, folder_counts, steps_per_epoch, tag_frequency
 from sdlora.errors import SdloraError
 from sdlora.lora import Lora
 from sdlora.runtime import OPTIMIZER_NAMES
+from sdlora.step import quality_metadata
 
 
 class RunRecord:
@@ -107,6 +108,7 @@ class RunRecord:
             "noise_offset": str(t.noise_offset) if t.noise_offset else "None",
             "min_snr_gamma": str(t.min_snr_gamma),
             "network_train_unet_only": str(not self.train_te),
+            **quality_metadata(t),
         }
 
     def checkpoint(

@@ -13,7 +13,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from sdlora.cache import LatentCache, TextCache
@@ -36,21 +35,51 @@ def diffusion_loss(
     timesteps: torch.Tensor,  # (B,) ints in [0, num_train_timesteps)
     added_cond: dict | None = None,  # SDXL: pooled text embeddings and time ids
     min_snr_gamma: float | None = None,
+    loss: str = "mse",
+    huber_c: float = 0.1,
+    debiased: bool = False,
 ) -> torch.Tensor:
-    """Mean squared error between the UNet's prediction and its target (ε or v).
+    """Error between the UNet's prediction and its target (ε or v), averaged over the batch.
 
-    With `min_snr_gamma`, each sample's error is weighted by min(SNR, γ) / SNR (ε) or
+    `loss` is `mse`, or the pseudo-Huber `huber` / `smooth_l1` of `elementwise_loss`. With
+    `min_snr_gamma`, each sample's error is weighted by min(SNR, γ) / SNR (ε) or
     min(SNR, γ) / (SNR + 1) (v), so easy low-noise steps stop dominating (Hang et al. 2023).
+    With `debiased`, by 1 / √SNR (ε) or 1 / (SNR + 1) (v), SNR capped at 1000, as sd-scripts'
+    debiased estimation.
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    error = elementwise_loss(pred.float(), target.float(), loss, huber_c).mean(dim=(1, 2, 3))
+    if min_snr_gamma or debiased:
+        snr = compute_snr(noise_scheduler, timesteps)  # (B,)
     if min_snr_gamma:
-        snr = compute_snr(noise_scheduler, timesteps)
-        loss = loss * snr.clamp(max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
-    return loss.mean()
+        error = error * snr.clamp(max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
+    if debiased:
+        snr = snr.clamp(max=MAX_SNR)
+        error = error * (1 / (snr + 1) if v_prediction else snr.rsqrt())
+    return error.mean()
+
+
+MAX_SNR = 1000.0
+"""SNR cap of the debiased weighting (SNR is infinite at timestep 0), sd-scripts' value."""
+
+
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss: str = "mse", huber_c: float = 0.1
+) -> torch.Tensor:
+    """Per-element loss. `huber`: 2c(√(d² + c²) − c), quadratic for errors below c and linear
+    above, so a few badly predicted pixels pull less; `smooth_l1`: the same divided by c
+    (sd-scripts' two pseudo-Huber losses, with a constant c)."""
+    if loss == "mse":
+        return (pred - target) ** 2
+    pseudo_huber = torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c
+    if loss == "huber":
+        return 2 * huber_c * pseudo_huber
+    if loss == "smooth_l1":
+        return 2 * pseudo_huber
+    raise ValueError(f"unknown loss {loss!r}")
 
 
 def make_noise(shape, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
@@ -226,6 +255,9 @@ class Stepper:
             timesteps.to(self.device),
             added_cond(self.base, pooled, batch.geometry, self.device),
             min_snr_gamma=self.c_train.min_snr_gamma,
+            loss=self.c_train.loss,
+            huber_c=self.c_train.huber_c,
+            debiased=self.c_train.debiased_estimation,
         )
 
     def _prior_loss(self, size: int) -> torch.Tensor:
@@ -239,7 +271,10 @@ class Stepper:
         timesteps = torch.randint(0, steps, (size,), generator=generator).to(self.device)
         h, w = (side * vae_scale(self.base) for side in latents.shape[-2:])
         cond = added_cond(self.base, pooled, [(h, w, 0, 0, h, w)] * size, self.device)
-        return diffusion_loss(self.unet, self.base.scheduler, latents, text, noise, timesteps, cond)
+        return diffusion_loss(
+            self.unet, self.base.scheduler, latents, text, noise, timesteps, cond,
+            loss=self.c_train.loss, huber_c=self.c_train.huber_c,
+        )  # fmt: skip
 
     def _sync(self, last: bool):
         """No gradient synchronisation across processes except on the last backward pass."""
@@ -248,3 +283,13 @@ class Stepper:
             for model in self.models:
                 stack.enter_context(self.accelerator.no_sync(model))
         return stack
+
+
+def quality_metadata(c_train: TrainConfig) -> dict[str, str]:
+    """The `ss_*` training fields (without prefix) of the loss and noise options, under
+    sd-scripts' names where it has them."""
+    return {
+        "loss_type": {"mse": "l2"}.get(c_train.loss, c_train.loss),
+        "huber_c": str(c_train.huber_c),
+        "debiased_estimation": str(c_train.debiased_estimation),
+    }

@@ -225,6 +225,10 @@ class TrainConfig:
     debiased_estimation: bool = False
     """Weight each step's loss by 1/√SNR (v-prediction: 1/(SNR+1)), as sd-scripts: less of
     the fine detail of noise-free steps, more of composition and colour."""
+    multires_noise_iterations: int = 0
+    """Multi-resolution noise levels (sd-scripts' pyramid noise; 6-10 is usual; 0: off)."""
+    multires_noise_discount: float = 0.3
+    """Weight of each coarser level of multi-resolution noise relative to the one above."""
     zero_terminal_snr: bool = False
     """Rescale the noise schedule to zero terminal SNR (Lin et al. 2023), for v-prediction
     bases trained that way (NoobAI-XL v-pred); samples then use trailing timesteps and
@@ -259,6 +263,11 @@ class TrainConfig:
             )
         _check_choice("train.attention", self.attention, ATTENTIONS)
         _check_choice("train.loss", self.loss, LOSSES)
+        if self.multires_noise_iterations < 0 or not 0 < self.multires_noise_discount <= 1:
+            raise SdloraError(
+                "train.multires_noise_iterations must be >= 0 and multires_noise_discount in "
+                f"(0, 1], got {self.multires_noise_iterations} and {self.multires_noise_discount}"
+            )
         _check_positive("train.huber_c", self.huber_c)
         if self.prior_images < 0 or self.prior_weight < 0:
             raise SdloraError(

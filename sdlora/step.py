@@ -13,6 +13,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
 from sdlora.cache import LatentCache, TextCache
@@ -82,13 +83,42 @@ def elementwise_loss(
     raise ValueError(f"unknown loss {loss!r}")
 
 
-def make_noise(shape, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+def make_noise(
+    shape,
+    generator: torch.Generator,
+    offset: float = 0.0,
+    multires_iterations: int = 0,
+    multires_discount: float = 0.3,
+) -> torch.Tensor:
     """Gaussian noise; with `offset`, plus a per-channel constant that lets the model learn
-    overall brightness (offset noise)."""
+    overall brightness (offset noise); with `multires_iterations`, plus noise drawn at
+    coarser and coarser sizes (see `multires_noise`)."""
     noise = torch.randn(shape, generator=generator)
     if offset:
         noise += offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator)
+    if multires_iterations:
+        noise = multires_noise(noise, generator, multires_iterations, multires_discount)
     return noise
+
+
+def multires_noise(
+    noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float
+) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise, as sd-scripts: to `noise` (B, C, h, w) add, for
+    level i = 0, 1, ..., noise drawn at a size divided by r^i (r random in [2, 4), sizes
+    shrinking cumulatively), upsampled bilinearly and weighted discount^i, then rescale to
+    unit standard deviation. Low-frequency noise lets training move large areas of colour and
+    light, which plain noise hardly does."""
+    batch, channels, height, width = noise.shape
+    noise, h, w = noise.clone(), height, width
+    for level in range(iterations):
+        r = 2 + 2 * float(torch.rand((), generator=generator))
+        h, w = max(1, int(h / r**level)), max(1, int(w / r**level))
+        coarse = torch.randn(batch, channels, h, w, generator=generator)
+        noise += F.interpolate(coarse, size=(height, width), mode="bilinear") * discount**level
+        if h == 1 or w == 1:
+            break  # the coarsest size: one value across the image
+    return noise / noise.std()
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -243,7 +273,9 @@ class Stepper:
     def _style_loss(self, batch: Batch) -> torch.Tensor:
         text, pooled = self.text_for(batch.captions)
         latents = batch.latents.to(self.device)  # (B, 4, H/8, W/8), one bucket
-        noise = make_noise(latents.shape, self.rngs.noise, self.c_train.noise_offset)
+        c = self.c_train
+        noise = make_noise(latents.shape, self.rngs.noise, c.noise_offset,
+                           c.multires_noise_iterations, c.multires_noise_discount)  # fmt: skip
         steps = self.base.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (len(batch.names),), generator=self.rngs.noise)
         return diffusion_loss(
@@ -292,4 +324,6 @@ def quality_metadata(c_train: TrainConfig) -> dict[str, str]:
         "loss_type": {"mse": "l2"}.get(c_train.loss, c_train.loss),
         "huber_c": str(c_train.huber_c),
         "debiased_estimation": str(c_train.debiased_estimation),
+        "multires_noise_iterations": str(c_train.multires_noise_iterations or "None"),
+        "multires_noise_discount": str(c_train.multires_noise_discount),
     }

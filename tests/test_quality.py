@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from sdlora import load_config, train
 from sdlora.errors import SdloraError
-from sdlora.step import diffusion_loss, elementwise_loss
+from sdlora.step import diffusion_loss, elementwise_loss, make_noise
 
 
 class FixedUnet:
@@ -95,3 +95,36 @@ def test_loss_options_train_and_are_recorded(style_dir, tmp_path):
     with safe_open(result.lora_path, "pt") as f:
         meta = f.metadata()
     assert meta["ss_loss_type"] == "huber" and meta["ss_debiased_estimation"] == "True"
+
+
+def _neighbour_correlation(noise: torch.Tensor) -> float:
+    a, b = noise[..., :, :-1].flatten(), noise[..., :, 1:].flatten()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def test_multires_noise_adds_low_frequencies_at_unit_variance():
+    shape = (4, 4, 32, 32)
+    plain = make_noise(shape, torch.Generator().manual_seed(0))
+    pyramid = make_noise(shape, torch.Generator().manual_seed(0), multires_iterations=6,
+                         multires_discount=0.8)  # fmt: skip
+    assert abs(_neighbour_correlation(plain)) < 0.05  # white: neighbours independent
+    assert _neighbour_correlation(pyramid) > 0.2  # coarse levels: neighbours alike
+    assert float(pyramid.std()) == pytest.approx(1.0, abs=1e-5)
+    # per-image, per-channel means spread far more than white noise's (≈ 1/32)
+    assert float(pyramid.mean(dim=(2, 3)).std()) > 3 * float(plain.mean(dim=(2, 3)).std())
+    again = make_noise(shape, torch.Generator().manual_seed(0), multires_iterations=6,
+                       multires_discount=0.8)  # fmt: skip
+    assert torch.equal(pyramid, again)  # drawn from the run's generator only: resumable
+
+
+def test_multires_noise_options_are_checked_and_recorded(style_dir, tmp_path):
+    with pytest.raises(SdloraError, match="multires_noise_discount"):
+        load_config(None, [f"dataset.path={style_dir}", "dataset.trigger=zk",
+                           "train.multires_noise_discount=0"])  # fmt: skip
+    overrides = tiny_overrides(style_dir, tmp_path / "run", steps=2) + [
+        "train.multires_noise_iterations=6", "sample.prompts=[]", "sample.report_images=0",
+    ]  # fmt: skip
+    result = train(load_config(None, overrides), progress=False)
+    assert all(loss == loss for loss in result.losses)
+    with safe_open(result.lora_path, "pt") as f:
+        assert f.metadata()["ss_multires_noise_iterations"] == "6"

@@ -229,6 +229,9 @@ class TrainConfig:
     """Multi-resolution noise levels (sd-scripts' pyramid noise; 6-10 is usual; 0: off)."""
     multires_noise_discount: float = 0.3
     """Weight of each coarser level of multi-resolution noise relative to the one above."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the LoRA weights with this decay (0.999 is
+    usual for 1000-3000 steps) and save it as the LoRA; unset: off."""
     zero_terminal_snr: bool = False
     """Rescale the noise schedule to zero terminal SNR (Lin et al. 2023), for v-prediction
     bases trained that way (NoobAI-XL v-pred); samples then use trailing timesteps and
@@ -263,6 +266,8 @@ class TrainConfig:
             )
         _check_choice("train.attention", self.attention, ATTENTIONS)
         _check_choice("train.loss", self.loss, LOSSES)
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise SdloraError(f"train.ema_decay must be between 0 and 1, got {self.ema_decay}")
         if self.multires_noise_iterations < 0 or not 0 < self.multires_noise_discount <= 1:
             raise SdloraError(
                 "train.multires_noise_iterations must be >= 0 and multires_noise_discount in "

@@ -211,26 +211,28 @@ def assemble_batch(
 class Stepper:
     """Forward and backward passes and the optimizer update of a run.
 
-    `unet` and `encoders` are the trained models as accelerate prepared them (wrapped for
-    several processes); gradients are synchronised across processes only on the last backward
-    pass before an update, as accelerate's `accumulate` does.
+    `trained` holds the trained models by component (`unet`, and the text encoders when
+    trained) as accelerate prepared them (wrapped for several processes); gradients are
+    synchronised across processes only on the last backward pass before an update, as
+    accelerate's `accumulate` does. `ema` (a `LoraEma`, or None) is updated after every
+    optimizer step.
     """
 
     def __init__(
         self,
         base: Base,
         accelerator,
-        unet: torch.nn.Module,
-        encoders: dict[str, torch.nn.Module],
+        trained: dict[str, torch.nn.Module],
         text_for: TextCache,
         prior: PriorSet | None,
         rngs: Rngs,
         c_train: TrainConfig,
+        ema=None,
     ):
-        self.base, self.accelerator = base, accelerator
-        self.unet, self.encoders = unet, encoders
+        self.base, self.accelerator, self.ema = base, accelerator, ema
+        self.unet = trained["unet"]
         self.text_for, self.prior, self.rngs, self.c_train = text_for, prior, rngs, c_train
-        self.models = [unet, *encoders.values()]
+        self.models = list(trained.values())
         self.device = accelerator.device
 
     def forward_backward(self, batches: list[Batch], step: int) -> float:
@@ -268,6 +270,8 @@ class Stepper:
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step()
         return float(grad_norm)
 
     def _style_loss(self, batch: Batch) -> torch.Tensor:
@@ -324,6 +328,7 @@ def quality_metadata(c_train: TrainConfig) -> dict[str, str]:
         "loss_type": {"mse": "l2"}.get(c_train.loss, c_train.loss),
         "huber_c": str(c_train.huber_c),
         "debiased_estimation": str(c_train.debiased_estimation),
+        "ema_decay": str(c_train.ema_decay),
         "multires_noise_iterations": str(c_train.multires_noise_iterations or "None"),
         "multires_noise_discount": str(c_train.multires_noise_discount),
     }

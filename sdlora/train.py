@@ -8,6 +8,7 @@ holds is `checkpoint.py` and what the run folder records is `record.py`.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from sdlora.dataset import (
     summarise_problems,
 )
 from sdlora.decode import parse_colour
+from sdlora.ema import LoraEma, make_ema
 from sdlora.errors import SdloraError
 from sdlora.evaluate import final_report, sample
 from sdlora.guard import check_compatible
@@ -177,7 +179,8 @@ def train(
         say(f"  resumed from {resume_from} at step {start}")
     optimizer = accelerator.prepare(optimizer)  # the schedule counts optimizer steps: not wrapped
     flat_params = {f"{c}.{n}": p for c, ps in params.items() for n, p in ps.items()}
-    stepper = Stepper(base, accelerator, wrapped["unet"], encoders, text_for, prior, rngs, c_train)
+    ema = make_ema(flat_params, c_train.ema_decay, resume_from)  # saved as the LoRA when on
+    stepper = Stepper(base, accelerator, wrapped, text_for, prior, rngs, c_train, ema)
 
     # Batches: one order for all processes; each process takes every n-th batch.
     order = batch_order(scan, c_train, skip=start * c_train.grad_accum * processes)
@@ -209,8 +212,8 @@ def train(
             bar.update(1)
             if main and ((c_train.save_every and step % c_train.save_every == 0) or stop.signum):
                 check_finite(flat_params, step)
-                state = training_state(optimizer, lr_schedule, scaler, rngs, base.family)
-                saved = record.checkpoint(step, steps, flat_params, state, collect_lora(base))
+                state = training_state(optimizer, lr_schedule, scaler, rngs, base.family, ema)
+                saved = record.checkpoint(step, steps, flat_params, state, collect_lora(base, ema))
             if stop.signum is not None:
                 accelerator.wait_for_everyone()
                 raise Interrupted(
@@ -228,6 +231,8 @@ def train(
     # The LoRA file and run.json first; then the last samples and the report.
     check_finite(flat_params, steps)
     learning = None
+    if ema is not None:  # the average is the result: saved, sampled and reported
+        ema.copy_to_params()
     if main:
         record.write_lora(lora_path, collect_lora(base), steps, steps)
         record.write_report(steps, start, losses, wall, peak_mb, agree, accelerator)
@@ -439,14 +444,15 @@ def param_groups(params: dict[str, dict[str, torch.Tensor]], c_train) -> list[di
     return groups
 
 
-def collect_lora(base: Base) -> Lora:
-    """The trained adapters of every component in the canonical form, with the metadata of
-    the noise schedule they were trained under."""
-    components = {"unet": extract_lora(base.unet)}
-    for name, encoder in base.text_encoders.items():
-        modules = extract_lora(encoder)
-        if modules:
-            components[name] = modules
+def collect_lora(base: Base, ema: LoraEma | None = None) -> Lora:
+    """The trained adapters of every component in the canonical form (their moving average
+    when `ema` is given), with the metadata of the noise schedule they were trained under."""
+    with ema.applied() if ema is not None else nullcontext():
+        components = {"unet": extract_lora(base.unet)}
+        for name, encoder in base.text_encoders.items():
+            modules = extract_lora(encoder)
+            if modules:
+                components[name] = modules
     return Lora(components, family=base.family, metadata=schedule_metadata(base.scheduler))
 
 

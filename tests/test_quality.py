@@ -3,15 +3,21 @@ says, tested on the maths directly and in a short run."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import tiny_overrides
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sdlora import load_config, train
+from sdlora.checkpoint import complete_checkpoints
 from sdlora.errors import SdloraError
+from sdlora.lora import extract_lora
+from sdlora.lorafile import read_lora
 from sdlora.step import diffusion_loss, elementwise_loss, make_noise
 
 
@@ -128,3 +134,75 @@ def test_multires_noise_options_are_checked_and_recorded(style_dir, tmp_path):
     assert all(loss == loss for loss in result.losses)
     with safe_open(result.lora_path, "pt") as f:
         assert f.metadata()["ss_multires_noise_iterations"] == "6"
+
+
+def _ema_config(style_dir, out, steps, *extra):
+    overrides = tiny_overrides(style_dir, out, steps) + [
+        "train.ema_decay=0.5", "output.dtype=fp32", "sample.prompts=[]",
+        "sample.report_images=0", "dataset.flip=true", "train.noise_offset=0.05", *extra,
+    ]  # fmt: skip
+    return load_config(None, overrides)
+
+
+def test_the_saved_lora_is_the_moving_average_of_the_weights(style_dir, tmp_path):
+    out = tmp_path / "run"
+    result = train(_ema_config(style_dir, out, 3, "train.save_every=1", "train.keep_last=3"),
+                   progress=False)  # fmt: skip
+    raw = [load_file(p / "lora.safetensors") for p in complete_checkpoints(out)]  # steps 1-3
+    # diffusers' EMAModel: decay min(0.5, (1 + k) / (10 + k)) at its k-th update, 0 at the first
+    expected = dict(raw[0])
+    for k, weights in enumerate(raw[1:], start=1):
+        decay = min(0.5, (1 + k) / (10 + k))
+        expected = {n: decay * expected[n] + (1 - decay) * weights[n] for n in expected}
+    trained = {f"unet.{n}": p for n, p in result.base.unet.named_parameters() if p.requires_grad}
+    trained |= {f"text_encoder.{n}": p for n, p in result.base.text_encoder.named_parameters()
+                if p.requires_grad}  # fmt: skip
+    assert trained.keys() == expected.keys()
+    for name, param in trained.items():
+        assert torch.allclose(param.detach().cpu(), expected[name], atol=1e-6), name
+    assert any(not torch.equal(raw[-1][n], expected[n]) for n in expected)  # not the last step
+    saved = read_lora(result.lora_path)
+    assert saved.metadata["ss_ema_decay"] == "0.5"
+    for component, model in (
+        ("unet", result.base.unet),
+        ("text_encoder", result.base.text_encoder),
+    ):
+        for path, module in extract_lora(model).items():
+            stored = saved.components[component][path]
+            assert torch.equal(stored.down.reshape(module.down.shape), module.down)
+            assert torch.equal(stored.up.reshape(module.up.shape), module.up)
+
+
+def test_a_resumed_run_continues_the_moving_average_exactly(style_dir, tmp_path):
+    straight = tmp_path / "straight"
+    train(_ema_config(style_dir, straight, 4, "train.save_every=2"), progress=False)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    (resumed / "style.safetensors").unlink()
+    config = _ema_config(style_dir, resumed, 4, "train.save_every=2", "train.resume=latest")
+    train(config, progress=False)
+    a, b = load_file(straight / "style.safetensors"), load_file(resumed / "style.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    states = [torch.load(run / "checkpoints" / "step_000004" / "state.pt", weights_only=True)
+              for run in (straight, resumed)]  # fmt: skip
+    assert states[0]["ema"]["optimization_step"] == states[1]["ema"]["optimization_step"] == 4
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(
+            states[0]["ema"]["shadow_params"], states[1]["ema"]["shadow_params"], strict=True
+        )
+    )
+    # without an EMA in the checkpoint, resuming with one is refused in words
+    plain = tmp_path / "plain"
+    train(
+        load_config(
+            None,
+            tiny_overrides(style_dir, plain, 2)
+            + ["train.save_every=2", "sample.prompts=[]", "sample.report_images=0"],
+        ),
+        progress=False,
+    )
+    (plain / "style.safetensors").unlink()
+    with pytest.raises(SdloraError, match="holds no EMA"):
+        train(_ema_config(style_dir, plain, 3, "train.resume=latest"), progress=False)

@@ -22,6 +22,7 @@ from sdlora.checkpoint import Rngs
 from sdlora.config import DatasetConfig, TrainConfig
 from sdlora.dataset import Scan
 from sdlora.errors import SdloraError
+from sdlora.masks import load_mask
 from sdlora.models import Base
 from sdlora.prior import PriorSet
 from sdlora.runtime import out_of_memory_advice, training_autocast
@@ -39,6 +40,7 @@ def diffusion_loss(
     loss: str = "mse",
     huber_c: float = 0.1,
     debiased: bool = False,
+    mask: torch.Tensor | None = None,  # (B, 1, H/8, W/8) in [0, 1]
 ) -> torch.Tensor:
     """Error between the UNet's prediction and its target (ε or v), averaged over the batch.
 
@@ -46,13 +48,17 @@ def diffusion_loss(
     `min_snr_gamma`, each sample's error is weighted by min(SNR, γ) / SNR (ε) or
     min(SNR, γ) / (SNR + 1) (v), so easy low-noise steps stop dominating (Hang et al. 2023).
     With `debiased`, by 1 / √SNR (ε) or 1 / (SNR + 1) (v), SNR capped at 1000, as sd-scripts'
-    debiased estimation.
+    debiased estimation. With `mask`, each element's error is multiplied by the mask (masked
+    loss: 0 where the image does not count), then averaged as before, as sd-scripts does.
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-    error = elementwise_loss(pred.float(), target.float(), loss, huber_c).mean(dim=(1, 2, 3))
+    error = elementwise_loss(pred.float(), target.float(), loss, huber_c)
+    if mask is not None:
+        error = error * mask
+    error = error.mean(dim=(1, 2, 3))  # (B,)
     if min_snr_gamma or debiased:
         snr = compute_snr(noise_scheduler, timesteps)  # (B,)
     if min_snr_gamma:
@@ -181,18 +187,25 @@ class Batch:
     captions: list[str]
     geometry: list[tuple]  # SDXL size conditioning, see added_cond
     names: list[str]  # file names, for error messages
+    masks: torch.Tensor | None = None  # (B, 1, H/8, W/8) when an example has a loss mask
 
 
 def assemble_batch(
     scan: Scan, idx: list[int], latents: LatentCache, c_data: DatasetConfig, rng
 ) -> Batch:
     """Examples `idx` with this step's flips, crops and caption augmentation."""
-    rows, captions, geometry = [], [], []
+    rows, captions, geometry, masks = [], [], [], []
     for i in idx:
         example = scan.examples[i]
         flip = c_data.flip and rng.random() < 0.5
         latent, crop = latents.get(example, flip, c_data.crop, rng)
         rows.append(latent)
+        grid = latent.shape[-2:]
+        masks.append(
+            load_mask(example.mask, example.size, example.bucket, crop, flip, grid)
+            if example.mask
+            else torch.ones(1, *grid)
+        )
         captions.append(
             augment_caption(
                 example.caption,
@@ -205,7 +218,9 @@ def assemble_batch(
         )
         width, height = example.size
         geometry.append((height, width, *crop, example.bucket[1], example.bucket[0]))
-    return Batch(torch.cat(rows), captions, geometry, [scan.examples[i].path.name for i in idx])
+    names = [scan.examples[i].path.name for i in idx]
+    masked = any(scan.examples[i].mask for i in idx)
+    return Batch(torch.cat(rows), captions, geometry, names, torch.stack(masks) if masked else None)
 
 
 class Stepper:
@@ -294,6 +309,7 @@ class Stepper:
             loss=self.c_train.loss,
             huber_c=self.c_train.huber_c,
             debiased=self.c_train.debiased_estimation,
+            mask=batch.masks.to(self.device) if batch.masks is not None else None,
         )
 
     def _prior_loss(self, size: int) -> torch.Tensor:

@@ -5,19 +5,23 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_overrides
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from sdlora import load_config, train
 from sdlora.checkpoint import complete_checkpoints
+from sdlora.dataset import scan_folder
 from sdlora.errors import SdloraError
 from sdlora.lora import extract_lora
 from sdlora.lorafile import read_lora
+from sdlora.masks import load_mask
 from sdlora.step import diffusion_loss, elementwise_loss, make_noise
 
 
@@ -206,3 +210,59 @@ def test_a_resumed_run_continues_the_moving_average_exactly(style_dir, tmp_path)
     (plain / "style.safetensors").unlink()
     with pytest.raises(SdloraError, match="holds no EMA"):
         train(_ema_config(style_dir, plain, 3, "train.resume=latest"), progress=False)
+
+
+def test_masked_loss_has_zero_gradient_where_the_mask_is_black():
+    noise = torch.randn(2, 4, 8, 8)
+    pred = torch.randn(2, 4, 8, 8, requires_grad=True)
+    mask = torch.ones(2, 1, 8, 8)
+    mask[:, :, :, 4:] = 0  # the right half does not count
+    _loss(pred, noise, torch.tensor([10, 500]), mask=mask).backward()
+    assert torch.all(pred.grad[..., 4:] == 0)
+    assert torch.all(pred.grad[..., :4] != 0)
+    unmasked = _loss(pred.detach(), noise, torch.tensor([10, 500]), mask=torch.ones(2, 1, 8, 8))
+    assert torch.allclose(unmasked, _loss(pred.detach(), noise, torch.tensor([10, 500])))
+
+
+def _image_with_mask(folder, name="wide.png"):
+    """A 96x64 image whose mask is white on its left half (x < 48)."""
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(
+        folder / name
+    )
+    mask = np.zeros((32, 48), dtype=np.uint8)  # drawn at half size: it is scaled to the image
+    mask[:, :24] = 255
+    Image.fromarray(mask).save(folder / name.replace(".png", ".mask.png"))
+
+
+def test_the_mask_follows_the_images_bucket_crop_and_flip(tmp_path):
+    _image_with_mask(tmp_path / "set")
+    scan = scan_folder(tmp_path / "set", "zk", resolution=64)
+    assert [e.path.name for e in scan.examples] == ["wide.png"]  # the mask is no image
+    example = scan.examples[0]
+    assert example.mask == tmp_path / "set" / "wide.mask.png" and example.bucket == (64, 64)
+    # resized 96x64 covers 64x64 as it is; the centre crop starts at x = 16, so the white
+    # part x < 48 becomes crop columns 0-31: latent columns 0-3
+    mask = load_mask(example.mask, example.size, example.bucket, (0, 16), False, (8, 8))
+    assert mask.shape == (1, 8, 8)
+    # (the mask's upscaling blurs its edge a little: column 3 and 4 are not exactly 1 and 0)
+    assert torch.all(mask[..., :4] > 0.9) and torch.all(mask[..., 4:] < 0.1)
+    assert torch.all(mask[..., :3] == 1) and torch.all(mask[..., 5:] == 0)
+    flipped = load_mask(example.mask, example.size, example.bucket, (0, 16), True, (8, 8))
+    assert torch.equal(flipped, mask.flip(-1))
+
+
+def test_a_run_with_a_mask_trains_and_a_broken_mask_is_named(style_dir, tmp_path):
+    _image_with_mask(style_dir)
+    # seven images, once each per epoch, one per step: the masked one is drawn
+    overrides = tiny_overrides(style_dir, tmp_path / "run", steps=7) + [
+        "train.batch_size=1", "sample.prompts=[]", "sample.report_images=0",
+        "dataset.repeats=1",
+    ]  # fmt: skip
+    result = train(load_config(None, overrides), progress=False)
+    assert all(loss == loss for loss in result.losses)
+    (style_dir / "wide.mask.png").write_bytes(b"not a png")
+    scan = scan_folder(style_dir, "zk", resolution=64)
+    example = next(e for e in scan.examples if e.mask)
+    with pytest.raises(SdloraError, match="wide.mask.png: the loss mask cannot be read"):
+        load_mask(example.mask, example.size, example.bucket, (0, 0), False, (8, 8))

@@ -10,6 +10,7 @@ import pytest
 import safetensors.torch
 from conftest import tiny_overrides
 from diffusers import DDIMScheduler
+from PIL import Image
 
 from sdlora import load_config, train
 from sdlora.errors import SdloraError
@@ -143,3 +144,15 @@ def test_with_schedule_keeps_a_zero_snr_config():
     base = load_base("tiny:sdxl", prediction_type="v_prediction", zero_terminal_snr=True)
     again = with_schedule(base.scheduler.config)
     assert float(again.alphas_cumprod[-1]) == 0.0
+
+
+def test_bundle_previews_draw_the_base_as_the_lora_was_trained(vpred_run, tmp_path):
+    from sdlora.bundle import render_previews
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*trained on a v_prediction base.*")
+        shown = render_previews("tiny:sdxl", vpred_run.lora_path, ["zkstripes"], tmp_path,
+                                weight=1.0, steps=4, cfg=5.0, seed=0, device="cpu")  # fmt: skip
+    assert len(shown) == 2
+    for png in sorted(tmp_path.glob("*.png")):
+        assert _pixel_std(Image.open(png)) > 5.0, png.name

@@ -109,6 +109,7 @@ class RunRecord:
             "min_snr_gamma": str(t.min_snr_gamma),
             "network_train_unet_only": str(not self.train_te),
             **quality_metadata(t),
+            "masked_loss": str(any(e.mask for e in scan.examples)),
         }
 
     def checkpoint(

@@ -105,6 +105,7 @@ def test_loss_options_train_and_are_recorded(style_dir, tmp_path):
     with safe_open(result.lora_path, "pt") as f:
         meta = f.metadata()
     assert meta["ss_loss_type"] == "huber" and meta["ss_debiased_estimation"] == "True"
+    assert meta["ss_masked_loss"] == "False"
 
 
 def _neighbour_correlation(noise: torch.Tensor) -> float:
@@ -261,6 +262,7 @@ def test_a_run_with_a_mask_trains_and_a_broken_mask_is_named(style_dir, tmp_path
     ]  # fmt: skip
     result = train(load_config(None, overrides), progress=False)
     assert all(loss == loss for loss in result.losses)
+    assert read_lora(result.lora_path).metadata["ss_masked_loss"] == "True"
     (style_dir / "wide.mask.png").write_bytes(b"not a png")
     scan = scan_folder(style_dir, "zk", resolution=64)
     example = next(e for e in scan.examples if e.mask)

@@ -145,9 +145,16 @@ def render_previews(
     each PNG carries the infotext generate writes (prompt with `<lora:name:weight>`)."""
     from sdlora.generate import Generator, LoraSpec
     from sdlora.images import save_png
+    from sdlora.lorafile import read_lora
     from sdlora.models import load_base
+    from sdlora.schedule import prediction_from_metadata, zero_snr_from_metadata
 
-    model = load_base(base)
+    # The LoRA's metadata says how its base was trained (v-prediction, zero terminal SNR):
+    # the base alone is drawn that way too, or its previews could be black.
+    metadata = read_lora(lora_path).metadata
+    prediction = prediction_from_metadata(metadata)
+    zero_snr = prediction == "v_prediction" and zero_snr_from_metadata(metadata)
+    model = load_base(base, prediction_type=prediction, zero_terminal_snr=zero_snr)
     plain = Generator.load(model, [], device=device)
     drawn = {"base": [plain.render(p, steps=steps, cfg=cfg, seed=seed + i)[0]
                       for i, p in enumerate(prompts)]}  # fmt: skip

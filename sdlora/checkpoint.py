@@ -65,16 +65,19 @@ class Rngs:
         self.augment.setstate((version, tuple(internal), state["augment_gauss"]))
 
 
-def training_state(optimizer, lr_schedule, scaler, rngs: Rngs, family: str) -> dict:
+def training_state(optimizer, lr_schedule, scaler, rngs: Rngs, family: str, ema=None) -> dict:
     """What a checkpoint holds besides the LoRA weights: enough to continue bit for bit.
-    `scaler` is the fp16 gradient scaler, or None."""
-    return {
+    `scaler` is the fp16 gradient scaler, or None; `ema` the weights' moving average, or None."""
+    state = {
         "optimizer": optimizer.state_dict(),
         "lr_schedule": lr_schedule.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else {},
         "rngs": rngs.state(),
         "family": family,
     }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    return state
 
 
 def save_checkpoint(

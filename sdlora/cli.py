@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -19,6 +20,16 @@ def examples_root() -> Path:
     """Where configs/ and datasets_examples/ live: inside an installed wheel or the checkout."""
     packaged = Path(__file__).resolve().parent / "_examples"
     return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent
+
+
+def _unit_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text!r}")
+    return value
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -87,6 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=int, default=1, help="images (seeds seed, seed+1, ...)")
     p.add_argument("--sampler", default="ddim", help="euler, euler_a, dpmpp_2m, ddim, ...")
+    p.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        help="what the base predicts, when its file cannot tell (default: the base's, else "
+        "the LoRA's metadata)",
+    )
+    p.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="the base was trained with zero terminal SNR (default: from the base or LoRA)",
+    )
+    p.add_argument(
+        "--guidance-rescale",
+        type=_unit_fraction,
+        help="φ from 0 to 1 (default: 0.7 with zero terminal SNR, else 0)",
+    )
     p.add_argument(
         "--trigger",
         default="warn",
@@ -307,9 +334,11 @@ def cmd_generate(args) -> int:
         allow_pickle=args.allow_pickle,
         device=args.device,
         dtype=args.dtype,
+        prediction_type=args.prediction_type,
+        zero_terminal_snr=args.zero_terminal_snr,
     )
     render = dict(negative=args.negative, steps=args.steps, cfg=args.cfg, seed=args.seed,
-                  size=args.size, sampler=args.sampler)  # fmt: skip
+                  size=args.size, sampler=args.sampler, rescale=args.guidance_rescale)  # fmt: skip
     if axis:
         prompt = prompt if axis == "trigger" else with_triggers(prompt, loras, args.trigger)
         images, labels = grid_images(generator, axis, values, prompt, **render)

@@ -23,7 +23,7 @@ import tomli_w
 
 from sdlora.decode import parse_colour
 from sdlora.errors import SdloraError
-from sdlora.families import BASE_LABELS, known_label, same_architecture
+from sdlora.families import BASE_LABELS, PREDICTION_TYPES, known_label, same_architecture
 
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -47,6 +47,7 @@ BASE_HINT = (
 DEFAULT_LR = 1e-4
 # Prodigy estimates its own step size; lr multiplies it, and its authors use 1.
 PRODIGY_LR = 1.0
+LOSSES = ("mse", "huber", "smooth_l1")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class ModelConfig:
     base_label: str = ""
     """The base's name as people know it (`Pony`, `Illustrious`, `NoobAI`, `SD 1.5`): recorded
     in the LoRA and its bundle (Civitai's base model); empty: the family's name."""
+    prediction_type: str | None = None
+    """`epsilon` or `v_prediction`: what the base predicts, for a single file that cannot
+    tell (an SDXL v-prediction fine-tune such as NoobAI-XL v-pred); unset: the base says."""
 
     def __post_init__(self):
         if not self.base:
@@ -75,6 +79,17 @@ class ModelConfig:
                 f'model.family={family} (or leave it out) and model.base_label="{label}"'
             )
         _check_choice("model.family", self.family, FAMILIES, optional=True)
+        _check_choice(
+            "model.prediction_type", self.prediction_type, PREDICTION_TYPES, optional=True
+        )
+        if self.prediction_type and self.family in ("sd2", "sd2-v"):
+            wanted = "sd2-v" if self.prediction_type == "v_prediction" else "sd2"
+            if wanted != self.family:
+                raise SdloraError(
+                    f"model.family={self.family} contradicts model.prediction_type="
+                    f"{self.prediction_type}: for SD 2.x set model.family={wanted} or leave "
+                    "one of them out"
+                )
         label = known_label(self.base_label)
         if label and self.family and not same_architecture(BASE_LABELS[label], self.family):
             raise SdloraError(
@@ -223,6 +238,24 @@ class TrainConfig:
     """Min-SNR loss weighting with this gamma (5 is usual); unset: plain MSE."""
     noise_offset: float = 0.0
     """Offset noise strength (0.05-0.1 helps very dark or bright styles)."""
+    loss: str = "mse"
+    """`mse`, or `huber` / `smooth_l1` (pseudo-Huber: less pull from outliers) with `huber_c`."""
+    huber_c: float = 0.1
+    """Where the Huber losses turn from quadratic to linear (sd-scripts' default 0.1)."""
+    debiased_estimation: bool = False
+    """Weight each step's loss by 1/√SNR (v-prediction: 1/(SNR+1)), as sd-scripts: less of
+    the fine detail of noise-free steps, more of composition and colour."""
+    multires_noise_iterations: int = 0
+    """Multi-resolution noise levels (sd-scripts' pyramid noise; 6-10 is usual; 0: off)."""
+    multires_noise_discount: float = 0.3
+    """Weight of each coarser level of multi-resolution noise relative to the one above."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the LoRA weights with this decay (0.999 is
+    usual for 1000-3000 steps) and save it as the LoRA; unset: off."""
+    zero_terminal_snr: bool = False
+    """Rescale the noise schedule to zero terminal SNR (Lin et al. 2023), for v-prediction
+    bases trained that way (NoobAI-XL v-pred); samples then use trailing timesteps and
+    rescaled guidance. A base whose scheduler config says so gets it without this."""
     save_every: int = 0
     """Write a resumable checkpoint every N steps (0: none)."""
     keep_last: int = 2
@@ -256,6 +289,15 @@ class TrainConfig:
                 f"{self.noise_offset} and {self.save_every}"
             )
         _check_choice("train.attention", self.attention, ATTENTIONS)
+        _check_choice("train.loss", self.loss, LOSSES)
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise SdloraError(f"train.ema_decay must be between 0 and 1, got {self.ema_decay}")
+        if self.multires_noise_iterations < 0 or not 0 < self.multires_noise_discount <= 1:
+            raise SdloraError(
+                "train.multires_noise_iterations must be >= 0 and multires_noise_discount in "
+                f"(0, 1], got {self.multires_noise_iterations} and {self.multires_noise_discount}"
+            )
+        _check_positive("train.huber_c", self.huber_c)
         if self.prior_images < 0 or self.prior_weight < 0:
             raise SdloraError(
                 f"train.prior_images and train.prior_weight must be >= 0, got "

@@ -15,6 +15,7 @@ times per epoch. Animated GIF/WebP: the first frame is used, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -56,6 +57,7 @@ from sdlora.decode import (
     read_regular,
 )
 from sdlora.errors import SdloraError
+from sdlora.masks import is_mask, mask_for
 
 IMAGE_EXTENSIONS = tuple(EXTENSION_FORMATS)
 IGNORED_NAMES = {"thumbs.db", "desktop.ini", "__macosx"}
@@ -84,6 +86,8 @@ class Example:
     repeats: int
     sha256: str
     """Hash of the file's bytes: the latent cache key and the duplicate check."""
+    mask: Path | None = None
+    """Its loss mask (`name.mask.png` beside it), if any: see `sdlora.masks`."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +217,9 @@ def scan_folder(
                     f"ignores all past {CLIP_MAX_TOKENS}",
                 )
             )
-        scan.examples.append(Example(path, final, item.size, bucket, item.repeats, item.sha256))
+        scan.examples.append(
+            Example(path, final, item.size, bucket, item.repeats, item.sha256, mask_for(path))
+        )
     _default_repeats(scan, repeats)
     if not captioned and scan.examples:
         _warn_other_caption_extensions(scan, listings, caption_ext)
@@ -268,7 +274,7 @@ def walk_images(
             path, suffix = folder_path / name, Path(name).suffix.lower()
             if suffix in UNSUPPORTED_EXTENSIONS:
                 skip(path, f"{UNSUPPORTED_REASON} ({suffix} is not read)")
-            elif suffix in IMAGE_EXTENSIONS:
+            elif suffix in IMAGE_EXTENSIONS and not is_mask(path):
                 if _refused_link(path, real_root, follow_external_links, skip):
                     continue
                 reason = _not_regular(path)
@@ -420,8 +426,7 @@ def _default_repeats(scan: Scan, repeats: int) -> None:
     unset = sum(1 for e in scan.examples if e.repeats == 0)
     value = repeats or auto_repeats(unset)
     scan.examples = [
-        e if e.repeats else Example(e.path, e.caption, e.size, e.bucket, value, e.sha256)
-        for e in scan.examples
+        e if e.repeats else dataclasses.replace(e, repeats=value) for e in scan.examples
     ]
 
 

@@ -19,6 +19,7 @@ from sdlora.config import Config
 from sdlora.images import save_grid
 from sdlora.models import Base
 from sdlora.report import decode_latents, learning_report
+from sdlora.schedule import guidance_rescale
 from sdlora.step import encode_text
 
 
@@ -65,6 +66,7 @@ def sample(base: Base, config: Config, run_dir: Path, step: int) -> Path:
             images += pipe(
                 **prompt_arguments(base, prompt, config.train.clip_skip, base.unet.device),
                 num_inference_steps=config.sample.steps,
+                guidance_rescale=guidance_rescale(base.scheduler),
                 guidance_scale=config.sample.cfg,
                 height=config.dataset.resolution,
                 width=config.dataset.resolution,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 
 @dataclass(frozen=True)
 class Family:

@@ -27,11 +27,17 @@ from PIL import Image
 
 from sdlora.errors import SdloraError
 from sdlora.export import DTYPES
-from sdlora.guard import check_compatible, check_family
+from sdlora.guard import check_compatible, check_family, check_prediction
 from sdlora.images import save_png
 from sdlora.lora import Lora, add_lora
 from sdlora.lorafile import read_lora, trigger_words
-from sdlora.models import Base, base_family, load_base
+from sdlora.models import Base, base_family, load_base, set_schedule
+from sdlora.schedule import (
+    guidance_rescale,
+    is_zero_terminal_snr,
+    prediction_from_metadata,
+    zero_snr_from_metadata,
+)
 
 # Sampler name -> (diffusers scheduler, extra config, A1111's name for the infotext).
 SAMPLERS = {
@@ -198,9 +204,15 @@ class Generator:
         allow_pickle: bool = False,
         device: str = "auto",
         dtype: str = "auto",
+        prediction_type: str | None = None,
+        zero_terminal_snr: bool = False,
     ) -> Generator:
         """Read and check every LoRA, load the base, attach the LoRAs (fused if asked), then
-        move everything to `device` in `dtype` (see `placement`)."""
+        move everything to `device` in `dtype` (see `placement`).
+
+        The noise schedule is the base's, or `prediction_type` / `zero_terminal_snr` when
+        given; a LoRA's metadata fills in what a base file cannot tell (see `match_schedule`).
+        """
         target, torch_dtype = placement(device, dtype)
         loras = list(loras)
         family = base.family if isinstance(base, Base) else None
@@ -213,10 +225,13 @@ class Generator:
                 warnings.warn(note, stacklevel=2)
         if not isinstance(base, Base):
             base = load_base(base)
+        match_schedule(base, [s.lora for s in loras], prediction_type, zero_terminal_snr)
         for i, spec in enumerate(loras):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # family notes were given above
                 check_compatible(base, spec.lora, spec.name)
+            for note in check_prediction(base, spec.lora, spec.name):
+                warnings.warn(note, stacklevel=2)
             for component, model in {"unet": base.unet, **base.text_encoders}.items():
                 if spec.lora.components.get(component):
                     add_lora(model, spec.lora.components[component], adapter_name(i))
@@ -257,9 +272,12 @@ class Generator:
         size: tuple[int, int] | None = None,
         num: int = 1,
         sampler: str = "ddim",
+        rescale: float | None = None,
     ) -> list[Image.Image]:
-        """`num` images for `prompt`, seeds `seed`, `seed + 1`, ...; infotext in `image.info`."""
+        """`num` images for `prompt`, seeds `seed`, `seed + 1`, ...; infotext in `image.info`.
+        `rescale` is the guidance rescale φ (None: 0.7 with zero terminal SNR, else 0)."""
         pipe = self.pipeline(sampler)
+        rescale = guidance_rescale(self.base.scheduler) if rescale is None else rescale
         # Native size: the UNet's latent size times the VAE's scale (x8 in SD, x4 micro).
         width, height = size or (self.base.unet.config.sample_size * pipe.vae_scale_factor,) * 2
         images = []
@@ -269,6 +287,7 @@ class Generator:
                 negative_prompt=negative or None,
                 num_inference_steps=steps,
                 guidance_scale=cfg,
+                guidance_rescale=rescale,
                 height=height,
                 width=width,
                 generator=torch.Generator().manual_seed(seed + n),
@@ -279,6 +298,27 @@ class Generator:
             )  # fmt: skip
             images.append(image)
         return images
+
+
+def match_schedule(
+    base: Base, loras: list[Lora], prediction_type: str | None, zero_terminal_snr: bool
+) -> None:
+    """Set the base's noise schedule for sampling: `prediction_type` when given, else the
+    base's own, or, when the base cannot tell (a single file without ModelSpec metadata), the
+    one its LoRAs were trained under; zero terminal SNR when asked, when the base has it, or
+    when a LoRA was trained with it (the samplers then start from pure noise)."""
+    stated = [p for p in (prediction_from_metadata(lora.metadata) for lora in loras) if p]
+    if prediction_type is None and not base.prediction_stated and stated:
+        prediction_type = stated[0]
+    # A LoRA trained with zero terminal SNR tells of a v-prediction base trained so.
+    zero_snr = zero_terminal_snr or (
+        (prediction_type or base.prediction_type) == "v_prediction"
+        and any(zero_snr_from_metadata(lora.metadata) for lora in loras)
+    )
+    if prediction_type not in (None, base.prediction_type) or (
+        zero_snr and not is_zero_terminal_snr(base.scheduler)
+    ):
+        set_schedule(base, prediction_type, zero_snr)
 
 
 def placement(device: str = "auto", dtype: str = "auto") -> tuple[torch.device, torch.dtype]:
@@ -335,19 +375,26 @@ def generate(
     fuse: bool = True,
     device: str = "auto",
     dtype: str = "auto",
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
+    rescale: float | None = None,
 ) -> list[Image.Image]:
     """Images for `prompt` from `base` with `loras` applied (PIL images, infotext attached).
 
     `<lora:NAME:SCALE>` tags in the prompt are resolved in `lora_dir`; `trigger="auto"` puts
     missing trigger words first. LoRAs are fused into the weights (fixed scales, faster).
     `device`/`dtype`: see `placement` (by default a GPU in fp16 when there is one).
+    `prediction_type`, `zero_terminal_snr`, `rescale`: see `Generator.load` and `render`.
     """
     check_sampler(sampler)
     check_settings(steps, cfg, seed, num, size, MAX_PIXELS)
     prompt, tagged = prompt_loras(prompt, Path(lora_dir) if lora_dir else None)
-    generator = Generator.load(base, [*loras, *tagged], fuse=fuse, device=device, dtype=dtype)
+    generator = Generator.load(
+        base, [*loras, *tagged], fuse=fuse, device=device, dtype=dtype,
+        prediction_type=prediction_type, zero_terminal_snr=zero_terminal_snr,
+    )  # fmt: skip
     prompt = with_triggers(prompt, generator.loras, trigger)
-    return generator.render(prompt, negative, steps, cfg, seed, size, num, sampler)
+    return generator.render(prompt, negative, steps, cfg, seed, size, num, sampler, rescale)
 
 
 def parse_grid(text: str) -> tuple[str, list[str]]:

@@ -15,6 +15,7 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.families import FAMILIES, detect_lora_family, same_architecture
 from sdlora.lora import Lora, resolve_path
+from sdlora.schedule import prediction_from_metadata
 
 SHOW = 3
 
@@ -84,9 +85,24 @@ def check_compatible(base, lora: Lora, lora_name: str = "this LoRA") -> list[str
             f"{lora_name} does not fit the base {base.name}: {len(mismatched)} module(s) differ "
             f"in shape (first: {', '.join(mismatched[:SHOW])})"
         )
+    notes += check_prediction(base, lora, lora_name)
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return notes
+
+
+def check_prediction(base, lora: Lora, lora_name: str = "this LoRA") -> list[str]:
+    """A note when the LoRA's metadata names another prediction type than the base's (same
+    architecture, e.g. a v-prediction SDXL LoRA on an epsilon SDXL base): the weights load,
+    but the LoRA pulls the base towards predicting the wrong target."""
+    stated = prediction_from_metadata(lora.metadata)
+    if stated is None or stated == base.prediction_type or base.family in ("sd2", "sd2-v"):
+        return []  # SD 2.x's family is its prediction type: check_family says so already
+    return [
+        f"{lora_name} was trained on a {stated} base; {base.name} is {base.prediction_type}: "
+        "results may be washed out or noisy (set the base's prediction type, e.g. "
+        "model.prediction_type or --prediction-type, if the base is mislabelled)"
+    ]
 
 
 def _weight(model: torch.nn.Module, names: set[str], path: str) -> torch.Tensor | None:

@@ -21,6 +21,7 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.families import FAMILIES
+from sdlora.schedule import MODELSPEC_PREDICTION
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -220,6 +221,8 @@ def save_merged(path: str | Path, generator, dtype: str = "fp16") -> Path:
         for s in generator.loras
     ]  # fmt: skip
     metadata = checkpoint_metadata(base.family, path.stem, Path(base.name).stem, loras)
+    # The base's own prediction type: an SDXL or SD 1.x base may be v-prediction too.
+    metadata["modelspec.prediction_type"] = MODELSPEC_PREDICTION[base.prediction_type]
     parts = {"unet": base.unet, "vae": base.vae, **base.text_encoders}
     state = {k: v.to(DTYPES[dtype]) for k, v in to_single_file(base.family, parts).items()}
     path.parent.mkdir(parents=True, exist_ok=True)

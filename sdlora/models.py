@@ -31,6 +31,7 @@ from sdlora.families import (
     family_from_width,
 )
 from sdlora.lorafile import PICKLE_SUFFIXES, load_state_dict, read_safetensors_header
+from sdlora.schedule import prediction_from_metadata, with_schedule
 
 TINY_PREFIX = "tiny:"
 RANDOM_PREFIX = "random:"
@@ -53,6 +54,9 @@ class Base:
     """The training noise scheduler (DDPM with the checkpoint's schedule and prediction type)."""
     text_encoder_2: object | None = None
     tokenizer_2: object | None = None
+    prediction_stated: bool = True
+    """False when nothing said the prediction type (a single file without ModelSpec metadata):
+    it is then the family's usual one, and a LoRA's metadata may say better."""
 
     @property
     def prediction_type(self) -> str:
@@ -98,13 +102,34 @@ def load_base(
     seed: int = 0,
     config_dir: str | Path | None = None,
     allow_pickle: bool = False,
+    prediction_type: str | None = None,
+    zero_terminal_snr: bool = False,
 ) -> Base:
     """Load the base named by `spec`: `tiny:<family>`, a diffusers folder, a single-file
     checkpoint (`.safetensors`, or `.ckpt` with `allow_pickle`) or a hub id.
 
     `family` overrides what the weights say (only sd2 vs sd2-v cannot be told from shapes).
     `config_dir` replaces the built-in config folder a single-file checkpoint is read with.
+    `prediction_type` (epsilon, v_prediction) overrides what the base says of itself, and
+    `zero_terminal_snr` rescales its noise schedule (see `sdlora.schedule`).
     """
+    base = _load(spec, family, seed, config_dir, allow_pickle)
+    if prediction_type is not None or zero_terminal_snr:
+        set_schedule(base, prediction_type, zero_terminal_snr)
+    return base
+
+
+def set_schedule(base: Base, prediction_type: str | None, zero_terminal_snr: bool) -> None:
+    """Give `base` this prediction type (None: keep its own) and, if asked, zero terminal SNR.
+    SD 2.x's family follows the prediction type (sd2 is epsilon, sd2-v v-prediction)."""
+    base.scheduler = with_schedule(base.scheduler.config, prediction_type, zero_terminal_snr)
+    if prediction_type is not None:
+        base.prediction_stated = True
+        if base.family in ("sd2", "sd2-v"):
+            base.family = "sd2-v" if prediction_type == "v_prediction" else "sd2"
+
+
+def _load(spec: str, family, seed: int, config_dir, allow_pickle: bool) -> Base:
     if spec == MICRO:
         return _from_micro(family)
     if spec.startswith(TINY_PREFIX):
@@ -237,6 +262,7 @@ def _from_folder(path: Path, family: str | None) -> Base:
 
 
 def _from_single_file(path: Path, family: str | None, config_dir, allow_pickle: bool) -> Base:
+    stated = None
     if path.suffix.lower() in PICKLE_SUFFIXES:
         load_state_dict(path, allow_pickle)  # refuses unless allowed; checks it unpickles safely
         if family is None:
@@ -252,6 +278,7 @@ def _from_single_file(path: Path, family: str | None, config_dir, allow_pickle: 
                 stacklevel=2,
             )
         family = family or detection.family
+        stated = prediction_from_metadata(read_safetensors_header(path)[1])
     config = Path(config_dir) if config_dir else config_folder(family)
     if not (config / "model_index.json").is_file():
         raise SdloraError(f"config folder {config} has no model_index.json")
@@ -265,7 +292,11 @@ def _from_single_file(path: Path, family: str | None, config_dir, allow_pickle: 
         raise SdloraError(
             f"could not load the checkpoint {path} with configs {config}: {e}"
         ) from None
-    return _from_pipeline(str(path), pipe, family)
+    base = _from_pipeline(str(path), pipe, family, stated)
+    # Only SD 2.x's family says its prediction type; SD 1.x and SDXL v-prediction fine-tunes
+    # (NoobAI-XL v-pred) look like any other without metadata (or model.prediction_type).
+    base.prediction_stated = stated is not None or family in ("sd2", "sd2-v")
+    return base
 
 
 def _from_micro(family: str | None) -> Base:
@@ -297,7 +328,11 @@ def _from_hub(repo_id: str, family: str | None) -> Base:
     return _from_pipeline(repo_id, pipe, family)
 
 
-def _from_pipeline(name: str, pipe: DiffusionPipeline, family: str | None) -> Base:
+def _from_pipeline(
+    name: str, pipe: DiffusionPipeline, family: str | None, prediction: str | None = None
+) -> Base:
+    """The Base of a loaded pipeline; `prediction` is what a single file's metadata states
+    (the built-in scheduler config it was read with knows nothing of that file)."""
     parts = pipe.components
     sched_config = dict(parts["scheduler"].config)
     detected = family_from_diffusers_config(
@@ -311,14 +346,15 @@ def _from_pipeline(name: str, pipe: DiffusionPipeline, family: str | None) -> Ba
             f"could not tell which Stable Diffusion family {name} belongs to; "
             "set model.family to sd1, sd2, sd2-v or sdxl"
         )
-    sched_config["prediction_type"] = FAMILIES[family].prediction_type
+    if family in ("sd2", "sd2-v"):  # the family is the prediction type
+        sched_config["prediction_type"] = FAMILIES[family].prediction_type
+    elif prediction is not None:
+        sched_config["prediction_type"] = prediction
     components = {
         key: parts.get(key)
         for key in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     }
-    return Base(
-        name=name, family=family, scheduler=DDPMScheduler.from_config(sched_config), **components
-    )
+    return Base(name=name, family=family, scheduler=with_schedule(sched_config), **components)
 
 
 def _looks_like_hub_id(spec: str) -> bool:

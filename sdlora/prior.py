@@ -18,6 +18,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from sdlora.report import strip_trigger
+from sdlora.schedule import guidance_rescale
 
 
 @dataclass
@@ -62,6 +63,7 @@ def generate_prior(
             out = pipe(
                 chunk,
                 num_inference_steps=steps,
+                guidance_rescale=guidance_rescale(base.scheduler),
                 guidance_scale=cfg,
                 height=size,
                 width=size,

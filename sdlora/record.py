@@ -17,6 +17,7 @@ from sdlora.dataset import Scan, folder_counts, steps_per_epoch, tag_frequency
 from sdlora.errors import SdloraError
 from sdlora.lora import Lora
 from sdlora.runtime import OPTIMIZER_NAMES
+from sdlora.step import quality_metadata
 
 
 class RunRecord:
@@ -69,6 +70,7 @@ class RunRecord:
             tag_frequency=tag_frequency(self.scan),
             training=self.training_metadata(at_step, steps),
         )
+        metadata.update(lora.metadata)  # what the LoRA knows of its schedule (prediction type)
         export.save_kohya(path, lora, lora.family, metadata, dtype=c.output.dtype)
 
     def training_metadata(self, at_step: int, steps: int) -> dict:
@@ -106,6 +108,8 @@ class RunRecord:
             "noise_offset": str(t.noise_offset) if t.noise_offset else "None",
             "min_snr_gamma": str(t.min_snr_gamma),
             "network_train_unet_only": str(not self.train_te),
+            **quality_metadata(t),
+            "masked_loss": str(any(e.mask for e in scan.examples)),
         }
 
     def checkpoint(

@@ -38,6 +38,7 @@ from PIL import Image
 
 from sdlora.images import save_grid
 from sdlora.lora import lora_layers
+from sdlora.schedule import guidance_rescale
 
 STATISTIC = "palette_histogram_4x4x4"
 LEVELS = 4
@@ -90,6 +91,7 @@ def render(base, prompts: list[str], seeds: list[int], steps: int, cfg: float, s
         return pipe(
             prompts,
             num_inference_steps=steps,
+            guidance_rescale=guidance_rescale(base.scheduler),
             guidance_scale=cfg,
             height=size,
             width=size,

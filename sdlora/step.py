@@ -22,6 +22,7 @@ from sdlora.checkpoint import Rngs
 from sdlora.config import DatasetConfig, TrainConfig
 from sdlora.dataset import Scan
 from sdlora.errors import SdloraError
+from sdlora.masks import load_mask
 from sdlora.models import Base
 from sdlora.prior import PriorSet
 from sdlora.runtime import out_of_memory_advice, training_autocast
@@ -36,30 +37,94 @@ def diffusion_loss(
     timesteps: torch.Tensor,  # (B,) ints in [0, num_train_timesteps)
     added_cond: dict | None = None,  # SDXL: pooled text embeddings and time ids
     min_snr_gamma: float | None = None,
+    loss: str = "mse",
+    huber_c: float = 0.1,
+    debiased: bool = False,
+    mask: torch.Tensor | None = None,  # (B, 1, H/8, W/8) in [0, 1]
 ) -> torch.Tensor:
-    """Mean squared error between the UNet's prediction and its target (ε or v).
+    """Error between the UNet's prediction and its target (ε or v), averaged over the batch.
 
-    With `min_snr_gamma`, each sample's error is weighted by min(SNR, γ) / SNR (ε) or
+    `loss` is `mse`, or the pseudo-Huber `huber` / `smooth_l1` of `elementwise_loss`. With
+    `min_snr_gamma`, each sample's error is weighted by min(SNR, γ) / SNR (ε) or
     min(SNR, γ) / (SNR + 1) (v), so easy low-noise steps stop dominating (Hang et al. 2023).
+    With `debiased`, by 1 / √SNR (ε) or 1 / (SNR + 1) (v), SNR capped at 1000, as sd-scripts'
+    debiased estimation. With `mask`, each element's error is multiplied by the mask (masked
+    loss: 0 where the image does not count), then averaged as before, as sd-scripts does.
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
-    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+    error = elementwise_loss(pred.float(), target.float(), loss, huber_c)
+    if mask is not None:
+        error = error * mask
+    error = error.mean(dim=(1, 2, 3))  # (B,)
+    if min_snr_gamma or debiased:
+        snr = compute_snr(noise_scheduler, timesteps)  # (B,)
     if min_snr_gamma:
-        snr = compute_snr(noise_scheduler, timesteps)
-        loss = loss * snr.clamp(max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
-    return loss.mean()
+        error = error * snr.clamp(max=min_snr_gamma) / (snr + 1 if v_prediction else snr)
+    if debiased:
+        snr = snr.clamp(max=MAX_SNR)
+        error = error * (1 / (snr + 1) if v_prediction else snr.rsqrt())
+    return error.mean()
 
 
-def make_noise(shape, generator: torch.Generator, offset: float = 0.0) -> torch.Tensor:
+MAX_SNR = 1000.0
+"""SNR cap of the debiased weighting (SNR is infinite at timestep 0), sd-scripts' value."""
+
+
+def elementwise_loss(
+    pred: torch.Tensor, target: torch.Tensor, loss: str = "mse", huber_c: float = 0.1
+) -> torch.Tensor:
+    """Per-element loss. `huber`: 2c(√(d² + c²) − c), quadratic for errors below c and linear
+    above, so a few badly predicted pixels pull less; `smooth_l1`: the same divided by c
+    (sd-scripts' two pseudo-Huber losses, with a constant c)."""
+    if loss == "mse":
+        return (pred - target) ** 2
+    pseudo_huber = torch.sqrt((pred - target) ** 2 + huber_c**2) - huber_c
+    if loss == "huber":
+        return 2 * huber_c * pseudo_huber
+    if loss == "smooth_l1":
+        return 2 * pseudo_huber
+    raise ValueError(f"unknown loss {loss!r}")
+
+
+def make_noise(
+    shape,
+    generator: torch.Generator,
+    offset: float = 0.0,
+    multires_iterations: int = 0,
+    multires_discount: float = 0.3,
+) -> torch.Tensor:
     """Gaussian noise; with `offset`, plus a per-channel constant that lets the model learn
-    overall brightness (offset noise)."""
+    overall brightness (offset noise); with `multires_iterations`, plus noise drawn at
+    coarser and coarser sizes (see `multires_noise`)."""
     noise = torch.randn(shape, generator=generator)
     if offset:
         noise += offset * torch.randn(shape[0], shape[1], 1, 1, generator=generator)
+    if multires_iterations:
+        noise = multires_noise(noise, generator, multires_iterations, multires_discount)
     return noise
+
+
+def multires_noise(
+    noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float
+) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise, as sd-scripts: to `noise` (B, C, h, w) add, for
+    level i = 0, 1, ..., noise drawn at a size divided by r^i (r random in [2, 4), sizes
+    shrinking cumulatively), upsampled bilinearly and weighted discount^i, then rescale to
+    unit standard deviation. Low-frequency noise lets training move large areas of colour and
+    light, which plain noise hardly does."""
+    batch, channels, height, width = noise.shape
+    noise, h, w = noise.clone(), height, width
+    for level in range(iterations):
+        r = 2 + 2 * float(torch.rand((), generator=generator))
+        h, w = max(1, int(h / r**level)), max(1, int(w / r**level))
+        coarse = torch.randn(batch, channels, h, w, generator=generator)
+        noise += F.interpolate(coarse, size=(height, width), mode="bilinear") * discount**level
+        if h == 1 or w == 1:
+            break  # the coarsest size: one value across the image
+    return noise / noise.std()
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -122,18 +187,25 @@ class Batch:
     captions: list[str]
     geometry: list[tuple]  # SDXL size conditioning, see added_cond
     names: list[str]  # file names, for error messages
+    masks: torch.Tensor | None = None  # (B, 1, H/8, W/8) when an example has a loss mask
 
 
 def assemble_batch(
     scan: Scan, idx: list[int], latents: LatentCache, c_data: DatasetConfig, rng
 ) -> Batch:
     """Examples `idx` with this step's flips, crops and caption augmentation."""
-    rows, captions, geometry = [], [], []
+    rows, captions, geometry, masks = [], [], [], []
     for i in idx:
         example = scan.examples[i]
         flip = c_data.flip and rng.random() < 0.5
         latent, crop = latents.get(example, flip, c_data.crop, rng)
         rows.append(latent)
+        grid = latent.shape[-2:]
+        masks.append(
+            load_mask(example.mask, example.size, example.bucket, crop, flip, grid)
+            if example.mask
+            else torch.ones(1, *grid)
+        )
         captions.append(
             augment_caption(
                 example.caption,
@@ -146,32 +218,36 @@ def assemble_batch(
         )
         width, height = example.size
         geometry.append((height, width, *crop, example.bucket[1], example.bucket[0]))
-    return Batch(torch.cat(rows), captions, geometry, [scan.examples[i].path.name for i in idx])
+    names = [scan.examples[i].path.name for i in idx]
+    masked = any(scan.examples[i].mask for i in idx)
+    return Batch(torch.cat(rows), captions, geometry, names, torch.stack(masks) if masked else None)
 
 
 class Stepper:
     """Forward and backward passes and the optimizer update of a run.
 
-    `unet` and `encoders` are the trained models as accelerate prepared them (wrapped for
-    several processes); gradients are synchronised across processes only on the last backward
-    pass before an update, as accelerate's `accumulate` does.
+    `trained` holds the trained models by component (`unet`, and the text encoders when
+    trained) as accelerate prepared them (wrapped for several processes); gradients are
+    synchronised across processes only on the last backward pass before an update, as
+    accelerate's `accumulate` does. `ema` (a `LoraEma`, or None) is updated after every
+    optimizer step.
     """
 
     def __init__(
         self,
         base: Base,
         accelerator,
-        unet: torch.nn.Module,
-        encoders: dict[str, torch.nn.Module],
+        trained: dict[str, torch.nn.Module],
         text_for: TextCache,
         prior: PriorSet | None,
         rngs: Rngs,
         c_train: TrainConfig,
+        ema=None,
     ):
-        self.base, self.accelerator = base, accelerator
-        self.unet, self.encoders = unet, encoders
+        self.base, self.accelerator, self.ema = base, accelerator, ema
+        self.unet = trained["unet"]
         self.text_for, self.prior, self.rngs, self.c_train = text_for, prior, rngs, c_train
-        self.models = [unet, *encoders.values()]
+        self.models = list(trained.values())
         self.device = accelerator.device
 
     def forward_backward(self, batches: list[Batch], step: int) -> float:
@@ -209,12 +285,16 @@ class Stepper:
         optimizer.step()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step()
         return float(grad_norm)
 
     def _style_loss(self, batch: Batch) -> torch.Tensor:
         text, pooled = self.text_for(batch.captions)
         latents = batch.latents.to(self.device)  # (B, 4, H/8, W/8), one bucket
-        noise = make_noise(latents.shape, self.rngs.noise, self.c_train.noise_offset)
+        c = self.c_train
+        noise = make_noise(latents.shape, self.rngs.noise, c.noise_offset,
+                           c.multires_noise_iterations, c.multires_noise_discount)  # fmt: skip
         steps = self.base.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (len(batch.names),), generator=self.rngs.noise)
         return diffusion_loss(
@@ -226,6 +306,10 @@ class Stepper:
             timesteps.to(self.device),
             added_cond(self.base, pooled, batch.geometry, self.device),
             min_snr_gamma=self.c_train.min_snr_gamma,
+            loss=self.c_train.loss,
+            huber_c=self.c_train.huber_c,
+            debiased=self.c_train.debiased_estimation,
+            mask=batch.masks.to(self.device) if batch.masks is not None else None,
         )
 
     def _prior_loss(self, size: int) -> torch.Tensor:
@@ -239,7 +323,10 @@ class Stepper:
         timesteps = torch.randint(0, steps, (size,), generator=generator).to(self.device)
         h, w = (side * vae_scale(self.base) for side in latents.shape[-2:])
         cond = added_cond(self.base, pooled, [(h, w, 0, 0, h, w)] * size, self.device)
-        return diffusion_loss(self.unet, self.base.scheduler, latents, text, noise, timesteps, cond)
+        return diffusion_loss(
+            self.unet, self.base.scheduler, latents, text, noise, timesteps, cond,
+            loss=self.c_train.loss, huber_c=self.c_train.huber_c,
+        )  # fmt: skip
 
     def _sync(self, last: bool):
         """No gradient synchronisation across processes except on the last backward pass."""
@@ -248,3 +335,16 @@ class Stepper:
             for model in self.models:
                 stack.enter_context(self.accelerator.no_sync(model))
         return stack
+
+
+def quality_metadata(c_train: TrainConfig) -> dict[str, str]:
+    """The `ss_*` training fields (without prefix) of the loss and noise options, under
+    sd-scripts' names where it has them."""
+    return {
+        "loss_type": {"mse": "l2"}.get(c_train.loss, c_train.loss),
+        "huber_c": str(c_train.huber_c),
+        "debiased_estimation": str(c_train.debiased_estimation),
+        "ema_decay": str(c_train.ema_decay),
+        "multires_noise_iterations": str(c_train.multires_noise_iterations or "None"),
+        "multires_noise_discount": str(c_train.multires_noise_discount),
+    }

@@ -8,6 +8,7 @@ holds is `checkpoint.py` and what the run folder records is `record.py`.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from sdlora.dataset import (
     summarise_problems,
 )
 from sdlora.decode import parse_colour
+from sdlora.ema import LoraEma, make_ema
 from sdlora.errors import SdloraError
 from sdlora.evaluate import final_report, sample
 from sdlora.guard import check_compatible
@@ -71,6 +73,7 @@ from sdlora.runtime import (
     take_batch,
     trackers,
 )
+from sdlora.schedule import schedule_metadata
 from sdlora.step import Stepper, assemble_batch, encode_text, vae_scale
 
 
@@ -179,7 +182,8 @@ def train(
         say(f"  resumed from {resume_from} at step {start}")
     optimizer = accelerator.prepare(optimizer)  # the schedule counts optimizer steps: not wrapped
     flat_params = {f"{c}.{n}": p for c, ps in params.items() for n, p in ps.items()}
-    stepper = Stepper(base, accelerator, wrapped["unet"], encoders, text_for, prior, rngs, c_train)
+    ema = make_ema(flat_params, c_train.ema_decay, resume_from)  # saved as the LoRA when on
+    stepper = Stepper(base, accelerator, wrapped, text_for, prior, rngs, c_train, ema)
 
     # Batches: one order for all processes; each process takes every n-th batch.
     order = batch_order(scan, c_train, skip=start * c_train.grad_accum * processes)
@@ -211,8 +215,8 @@ def train(
             bar.update(1)
             if main and ((c_train.save_every and step % c_train.save_every == 0) or stop.signum):
                 check_finite(flat_params, step)
-                state = training_state(optimizer, lr_schedule, scaler, rngs, base.family)
-                saved = record.checkpoint(step, steps, flat_params, state, collect_lora(base))
+                state = training_state(optimizer, lr_schedule, scaler, rngs, base.family, ema)
+                saved = record.checkpoint(step, steps, flat_params, state, collect_lora(base, ema))
             if stop.signum is not None:
                 accelerator.wait_for_everyone()
                 raise Interrupted(
@@ -230,6 +234,8 @@ def train(
     # The LoRA file and run.json first; then the last samples and the report.
     check_finite(flat_params, steps)
     learning = None
+    if ema is not None:  # the average is the result: saved, sampled and reported
+        ema.copy_to_params()
     if main:
         record.write_lora(lora_path, collect_lora(base), steps, steps)
         record.write_report(steps, start, losses, wall, peak_mb, agree, accelerator)
@@ -321,6 +327,8 @@ def base_with_lora(config: Config, train_te: bool, device) -> tuple[Base, torch.
         seed=c_train.seed,
         config_dir=config.model.config_dir,
         allow_pickle=config.model.allow_pickle,
+        prediction_type=config.model.prediction_type,
+        zero_terminal_snr=c_train.zero_terminal_snr,
     )
     if c_train.clip_skip and c_train.clip_skip != 2 and base.family == "sdxl":
         raise SdloraError(
@@ -439,14 +447,16 @@ def param_groups(params: dict[str, dict[str, torch.Tensor]], c_train) -> list[di
     return groups
 
 
-def collect_lora(base: Base) -> Lora:
-    """The trained adapters of every component in the canonical form."""
-    components = {"unet": extract_lora(base.unet)}
-    for name, encoder in base.text_encoders.items():
-        modules = extract_lora(encoder)
-        if modules:
-            components[name] = modules
-    return Lora(components=components, family=base.family)
+def collect_lora(base: Base, ema: LoraEma | None = None) -> Lora:
+    """The trained adapters of every component in the canonical form (their moving average
+    when `ema` is given), with the metadata of the noise schedule they were trained under."""
+    with ema.applied() if ema is not None else nullcontext():
+        components = {"unet": extract_lora(base.unet)}
+        for name, encoder in base.text_encoders.items():
+            modules = extract_lora(encoder)
+            if modules:
+                components[name] = modules
+    return Lora(components, family=base.family, metadata=schedule_metadata(base.scheduler))
 
 
 def _named_lora_parameters(model: torch.nn.Module):

@@ -352,3 +352,14 @@ def test_merge_leaves_nothing_on_a_full_disk_or_an_overflow(loras, tmp_path, cap
     assert main(["merge", "--base", "tiny:sd1", "--lora", str(huge), "-o", str(out)]) == 2
     assert "is not finite (the LoRAs' update is too large" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["huge.safetensors"]
+
+
+@pytest.mark.parametrize("value", ["nan", "-0.1", "1.5", "inf", "x"])
+def test_guidance_rescale_must_be_a_fraction(value, tmp_path, capsys, monkeypatch):
+    _no_model_loads(monkeypatch)
+    argv = ["generate", "--base", "tiny:sd1", "--prompt", "zk", "--out", str(tmp_path / "o"),
+            "--guidance-rescale", value]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "must be a number from 0 to 1" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -10,6 +10,7 @@ from conftest import REPO, tiny_overrides
 from safetensors import safe_open
 
 from sdlora import load_config, train
+from sdlora.schedule import MODELSPEC_PREDICTION
 
 # Each preset with the built-in base of its family (a preset not listed here fails the test).
 PRESET_BASES = {
@@ -17,6 +18,8 @@ PRESET_BASES = {
     "sd15-style.toml": ("tiny:sd1", 64),
     "sd21-768-style.toml": ("tiny:sd2-v", 64),
     "sdxl-style.toml": ("tiny:sdxl", 64),
+    "sdxl-community-style.toml": ("tiny:sdxl", 64),
+    "sdxl-vpred-style.toml": ("tiny:sdxl", 64),  # made v-prediction by the preset itself
 }
 QUIET = ["sample.prompts=[]", "sample.report_images=0", "train.prior_images=0"]
 
@@ -45,9 +48,15 @@ def test_each_preset_trains_two_steps_with_checkpointing(preset, precision, styl
         "train.gradient_checkpointing=true",
         *QUIET,
     ]
-    result = train(load_config(REPO / "configs" / preset, overrides), progress=False)
+    config = load_config(REPO / "configs" / preset, overrides)
+    result = train(config, progress=False)
     assert len(result.losses) == 2 and all(loss == loss for loss in result.losses)
     assert any(k.startswith("lora_unet_") for k in _lora_keys(result.lora_path))
+    with safe_open(result.lora_path, "pt") as f:
+        metadata = f.metadata()
+    prediction = config.model.prediction_type or result.base.prediction_type
+    assert metadata["modelspec.prediction_type"] == MODELSPEC_PREDICTION[prediction]
+    assert metadata["ss_zero_terminal_snr"] == str(config.train.zero_terminal_snr)
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import json
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 from sdlora.config import Config, config_from_dict, config_to_toml, replace
 from sdlora.errors import SdloraError

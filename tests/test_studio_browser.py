@@ -361,4 +361,10 @@ def test_inspect_and_convert_a_lora(page, studio, lora_file, tmp_path):
     out = studio.workspace / "exports" / "style-diffusers.safetensors"
     expect(page.locator("#e-converted")).to_contain_text(f"wrote {out}")
     assert out.is_file()
+    box(page, "e-bundle-base").fill("tiny:sd1")
+    page.locator("#e-bundle").click()
+    bundle = studio.workspace / "bundles" / "style"
+    expect(page.locator("#e-bundled")).to_contain_text(f"wrote {bundle}", timeout=120_000)
+    expect(page.locator("#e-bundled")).to_contain_text("civitai.json")
+    assert (bundle / "README.md").is_file() and (bundle / "civitai.json").is_file()
     shot(page, tmp_path, "export")

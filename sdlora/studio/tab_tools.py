@@ -201,3 +201,22 @@ def build_export(workspace: Path) -> None:
         return f"wrote {out}", str(out)
 
     convert.click(do_convert, [file, fmt, dtype], [converted, download])
+
+    # The share bundle: `sdlora bundle` in a child process (it draws preview images).
+    with gr.Row():
+        preview_base = gr.Textbox(label="Base for the previews (empty: the LoRA's own, or none)",
+                                  elem_id="e-bundle-base", scale=4)  # fmt: skip
+        bundle = gr.Button("Write bundle for Civitai / the Hub", elem_id="e-bundle")
+    bundled = gr.Markdown(elem_id="e-bundled")
+
+    def do_bundle(path, base):
+        source = Path(path.strip())
+        out = workspace / "bundles" / source.stem
+        args = ["bundle", str(source), "-o", str(out), "--overwrite"]
+        code, output = run_cli([*args, *(["--base", base.strip()] if base.strip() else [])])
+        if code != 0:
+            return f"**error:** {output.splitlines()[-1] if output else code}"
+        files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+        return f"wrote {out}: " + ", ".join(files)
+
+    bundle.click(do_bundle, [file, preview_base], bundled)

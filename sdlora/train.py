@@ -1,12 +1,14 @@
 """The training recipe: a frozen base, LoRA layers on its attention, a diffusion loss.
 
 `train()` reads top to bottom as setup -> loop -> finish. What one step does is `step.py`,
-what a run shows of itself (samples, the learning report) is `evaluate.py`, what a checkpoint
+what a run shows of itself (samples, validation loss, the learning report) is `evaluate.py`
+(which images validate: `validation.py`), what a checkpoint
 holds is `checkpoint.py` and what the run folder records is `record.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,7 @@ from sdlora.dataset import (
 )
 from sdlora.decode import parse_colour
 from sdlora.errors import SdloraError
-from sdlora.evaluate import final_report, sample
+from sdlora.evaluate import Evaluation, final_report
 from sdlora.guard import check_compatible
 from sdlora.images import save_loss_curve
 from sdlora.lora import (
@@ -71,6 +73,7 @@ from sdlora.runtime import (
     trackers,
 )
 from sdlora.step import Stepper, assemble_batch, encode_text, vae_scale
+from sdlora.validation import ValidationImages, choose_validation
 
 
 @dataclass
@@ -121,8 +124,9 @@ def train(
     # Data first: every file decoded, a bad folder fails before any model loads.
     scan = scan_dataset(c_data)
     scan.require_examples()
+    scan, held_out = split_validation(scan, c_data, c_train.seed)
     steps = total_steps(scan, c_train, processes)
-    for line in preflight_lines(scan, steps, c_train, processes):
+    for line in preflight_lines(scan, steps, c_train, processes, held_out):
         say(line)
 
     # The frozen base with LoRA layers; the trained models as accelerate wraps them.
@@ -162,6 +166,7 @@ def train(
     if device.type == "cuda" or main:
         parked = cached_out(base, scan, c_data, train_te, prior, text_for)
     offload = Offload(parked, device, run_dir)
+    judge = Evaluation(base, config, record, offload, accelerator, held_out, latents, main)
     offload.park()
 
     # Optimizer, learning-rate schedule, random streams; a resumed run restores all of them.
@@ -181,12 +186,8 @@ def train(
     # Batches: one order for all processes; each process takes every n-th batch.
     order = batch_order(scan, c_train, skip=start * c_train.grad_accum * processes)
 
-    sampling = main and bool(config.sample.prompts)  # no prompts: no sample grids
-    samples = []
-    if sampling and not start:
-        with offload.use():
-            samples.append(sample(base, config, run_dir, step=0))
     losses = record.resume_log(start) if main else []
+    judge.begin(start)  # samples (no prompts: none) and validation at the start
     peak, started = PeakMemory(device), time.time()
 
     # The loop: a step on every process; logs, checkpoints and samples on the main one.
@@ -217,9 +218,7 @@ def train(
                     f"Resume with: sdlora train {run_dir / 'config.toml'} train.resume=latest",
                     stop.signum,
                 )
-            if sampling and step < steps and config.sample.every and not step % config.sample.every:
-                with offload.use():
-                    samples.append(sample(base, config, run_dir, step=step))
+            judge.after_step(step, steps)  # samples, validation, checkpoints judged
     bar.close()
     wall, peak_mb = time.time() - started, peak.megabytes()  # the loop's, before the last samples
     agree = ranks_agree(flat_params, accelerator)
@@ -232,8 +231,8 @@ def train(
         record.write_report(steps, start, losses, wall, peak_mb, agree, accelerator)
         offload.close()  # the rest of the run only samples
         with record.after_save(lora_path):
-            if sampling:
-                samples.append(sample(base, config, run_dir, step=steps))
+            for line in judge.finish(steps, losses):
+                say(line)
             save_loss_curve(losses, run_dir / "loss.png")
             if config.sample.report_images:  # learned, and only behind the trigger?
                 learning = final_report(base, config, run_dir, scan, latents, device)
@@ -241,7 +240,9 @@ def train(
             if c_out.bundle:  # ready to publish: previews, model card, civitai.json
                 say(f"bundle:  {write_bundle(run_dir, overwrite=True, device=c_train.device)}")
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, lora_path, base, samples, losses, scan.skipped, learning, main)
+    return TrainResult(
+        run_dir, lora_path, base, judge.samples, losses, scan.skipped, learning, main
+    )
 
 
 def batch_order(scan: Scan, c_train, skip: int = 0):
@@ -271,7 +272,9 @@ def optimization(params: dict[str, dict[str, torch.Tensor]], c_train, steps: int
     return optimizer, schedule
 
 
-def preflight_lines(scan: Scan, steps: int, c_train, processes: int) -> list[str]:
+def preflight_lines(
+    scan: Scan, steps: int, c_train, processes: int, held_out: ValidationImages | None = None
+) -> list[str]:
     """What the run prints about its data before any model loads."""
     buckets = ", ".join(f"{b} ({n})" for b, n in scan.bucket_counts().items())
     return [
@@ -279,7 +282,18 @@ def preflight_lines(scan: Scan, steps: int, c_train, processes: int) -> list[str
         *(f"  {line}" for line in summarise_problems(scan)),
         f"  {epoch_plan(scan, steps, c_train.batch_size, c_train.grad_accum, processes)}",
         f"  buckets: {buckets}",
+        *([f"  {held_out.note}"] if held_out is not None else []),
     ]
+
+
+def split_validation(scan: Scan, c_data: DatasetConfig, seed: int):
+    """The training scan and the validation images: held out of `scan`, scanned from
+    `dataset.validation_path` with the dataset's settings, or the training images."""
+    folder = None
+    if c_data.validation_path:
+        folder = scan_dataset(dataclasses.replace(c_data, path=c_data.validation_path,
+                                                  validation_path=""))  # fmt: skip
+    return choose_validation(scan, c_data.validation_split, seed, folder)
 
 
 def scan_dataset(c_data: DatasetConfig) -> Scan:

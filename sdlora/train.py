@@ -1,9 +1,9 @@
 """The training recipe: a frozen base, LoRA layers on its attention, a diffusion loss.
 
 `train()` reads top to bottom as setup -> loop -> finish. What one step does is `step.py`,
-what a run shows of itself (samples, validation loss, the learning report) is `evaluate.py`
-(which images validate: `validation.py`), what a checkpoint
-holds is `checkpoint.py` and what the run folder records is `record.py`.
+what a run shows of itself (samples, validation loss, checkpoints judged, the learning report)
+is `evaluate.py` (which images validate: `validation.py`; the best step: `progress.py`), what a
+checkpoint holds is `checkpoint.py` and what the run folder records is `record.py`.
 """
 
 from __future__ import annotations

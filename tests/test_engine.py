@@ -67,6 +67,14 @@ def test_resume_gives_bit_identical_weights_and_logs(style_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "log.jsonl").read_text() == (resumed / "log.jsonl").read_text()
     assert len(result.losses) == 4
+    judged = [
+        [
+            (e["step"], e["val_loss"], e["lora"])
+            for e in json.loads((run / "checkpoints.json").read_text())
+        ]
+        for run in (straight, resumed)
+    ]
+    assert judged[0] == judged[1] and [e[0] for e in judged[0]] == [2, 4]
 
 
 def test_checkpoints_are_complete_and_pruned(style_dir, tmp_path):

@@ -237,6 +237,15 @@ class Interrupted(SdloraError):
         super().__init__(message)
         self.exit_code = 128 + signum
 
+    @classmethod
+    def after(cls, step: int, signum: int, saved: Path | None, run_dir: Path) -> Interrupted:
+        """The stop after `step`, with the checkpoint written and the command that resumes."""
+        return cls(
+            f"stopped by signal {signum} after step {step}; checkpoint {saved}. "
+            f"Resume with: sdlora train {run_dir / 'config.toml'} train.resume=latest",
+            signum,
+        )
+
 
 class StopOnSignal:
     """While active, SIGINT/SIGTERM only ask the loop to stop after the current step."""

@@ -494,6 +494,11 @@ def _print_result(result) -> None:
     if result.samples:
         print(f"samples: {result.run_dir / 'samples'}")
     print(f"logs:    {result.run_dir / 'log.jsonl'} (TensorBoard: {result.run_dir / 'logs'})")
+    print(f"progress: {result.run_dir / 'progress.png'} (loss, validation loss, style per "
+          "checkpoint; checkpoints.json)")  # fmt: skip
+    best = result.lora_path.with_name(f"{result.lora_path.stem}-best.safetensors")
+    if best.is_file():
+        print(f"best:    {best} (the step chosen; checkpoints.png shows the steps)")
     if result.learning is not None:
         print(f"report:  {result.run_dir / 'learning_report.json'}")
         print(f"A/B:     {result.run_dir / 'ab_grid.png'} (base vs LoRA, without / with trigger)")

@@ -138,6 +138,10 @@ class DatasetConfig:
     """Folder keeping latents between runs (never inside dataset.path); empty: memory only."""
     follow_external_links: bool = False
     """Use symbolic links that lead outside dataset.path (never into /proc, /sys, /dev)."""
+    validation_split: float = 0.0
+    """Fraction of the images held out of training for the validation loss (0: none)."""
+    validation_path: str = ""
+    """Folder of validation images, scanned like dataset.path (instead of validation_split)."""
 
     def __post_init__(self):
         if not self.path:
@@ -173,6 +177,26 @@ class DatasetConfig:
             raise SdloraError(
                 f"dataset.cache_dir {self.cache_dir} is inside dataset.path; sdlora never "
                 "writes into the dataset folder: choose a folder outside it"
+            )
+        self._check_validation()
+
+    def _check_validation(self):
+        if not 0 <= self.validation_split < 1:
+            raise SdloraError(
+                f"dataset.validation_split must be in [0, 1) (a fraction of the images), "
+                f"got {self.validation_split}"
+            )
+        if self.validation_split and self.validation_path:
+            raise SdloraError(
+                "dataset.validation_split and dataset.validation_path are both set; "
+                "hold out a fraction of dataset.path or name a folder, not both"
+            )
+        if self.validation_path and Path(self.validation_path).resolve().is_relative_to(
+            Path(self.path).resolve()
+        ):
+            raise SdloraError(
+                f"dataset.validation_path {self.validation_path} is inside dataset.path, so "
+                "its images would be trained on; move it out or use dataset.validation_split"
             )
 
 
@@ -230,6 +254,8 @@ class TrainConfig:
     """Seed for LoRA initialisation, noise, timesteps and data order."""
     log_every: int = 1
     """Write the loss to the logs every N steps."""
+    validate_every: int = 0
+    """Validation loss every N steps, as well as at the start, each checkpoint and the end."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% slower."""
     attention: str = "sdpa"
@@ -283,10 +309,10 @@ class TrainConfig:
             _check_positive("train.epochs", self.epochs)
         if self.min_snr_gamma is not None:
             _check_positive("train.min_snr_gamma", self.min_snr_gamma)
-        if self.noise_offset < 0 or self.save_every < 0:
+        if self.noise_offset < 0 or self.save_every < 0 or self.validate_every < 0:
             raise SdloraError(
-                f"train.noise_offset and train.save_every must be >= 0, got "
-                f"{self.noise_offset} and {self.save_every}"
+                f"train.noise_offset, train.save_every and train.validate_every must be >= 0, "
+                f"got {self.noise_offset}, {self.save_every} and {self.validate_every}"
             )
         _check_choice("train.attention", self.attention, ATTENTIONS)
         _check_choice("train.loss", self.loss, LOSSES)
@@ -366,13 +392,16 @@ class SampleConfig:
     """Seed of the sample noise, the same at every sampling so grids compare."""
     report_images: int = 16
     """Images per set in the learning report (base / LoRA, with / without trigger); 0: none."""
+    checkpoint_images: int = 4
+    """Images per set for the style scores at each checkpoint (at most report_images; 0: none)."""
 
     def __post_init__(self):
         if self.every < 0:
             raise SdloraError(f"sample.every must be >= 0, got {self.every}")
         _check_positive("sample.steps", self.steps)
-        if self.report_images < 0:
-            raise SdloraError(f"sample.report_images must be >= 0, got {self.report_images}")
+        for name in ("report_images", "checkpoint_images"):
+            if getattr(self, name) < 0:
+                raise SdloraError(f"sample.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -399,6 +428,7 @@ SECTIONS: dict[str, type] = {
 PATH_FIELDS = {
     ("dataset", "path"),
     ("dataset", "cache_dir"),
+    ("dataset", "validation_path"),
     ("output", "dir"),
     ("model", "config_dir"),
     ("lora", "init_from"),

@@ -43,17 +43,32 @@ class RunRecord:
         (self.run_dir / "config.toml").write_text(config_to_toml(self.config), encoding="utf-8")
 
     def resume_log(self, resumed_at: int) -> list[float]:
-        """Keep the log's lines up to `resumed_at` (none for a fresh run); their losses."""
-        lines = _read_lines(self.log_path)
+        """Keep the log's lines up to `resumed_at` (none for a fresh run); their losses.
+
+        log.jsonl has a line per logged step, `{"step", "loss", "lr"}`, and a line per
+        validation, `{"step", "val_loss", "val_images"}`."""
+        lines = _read_lines(self.log_path) if resumed_at else []
         kept = [line for line in lines if json.loads(line)["step"] <= resumed_at]
         self.log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        return [json.loads(line)["loss"] for line in kept]
+        return [entry["loss"] for entry in map(json.loads, kept) if "loss" in entry]
 
     def log_step(self, accelerator, step: int, loss: float, lr: float, grad_norm: float) -> None:
         """One line of log.jsonl, and the step's scalars to accelerate's trackers."""
-        with self.log_path.open("a", encoding="utf-8") as log:
-            log.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+        self._log({"step": step, "loss": loss, "lr": lr})
         accelerator.log({"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}, step)
+
+    def log_validation(self, step: int, loss: float, images: str) -> None:
+        """A validation line of log.jsonl (`images`: which images it measured)."""
+        self._log({"step": step, "val_loss": loss, "val_images": images})
+
+    def validation_log(self) -> list[tuple[int, float]]:
+        """(step, validation loss) of every validation line in log.jsonl."""
+        entries = map(json.loads, _read_lines(self.log_path))
+        return [(e["step"], e["val_loss"]) for e in entries if "val_loss" in e]
+
+    def _log(self, entry: dict) -> None:
+        with self.log_path.open("a", encoding="utf-8") as log:
+            log.write(json.dumps(entry) + "\n")
 
     def write_lora(self, path: Path, lora: Lora, at_step: int, steps: int) -> None:
         """The LoRA as trained up to `at_step` of `steps`, in the file sd-scripts writes."""
@@ -151,6 +166,10 @@ class RunRecord:
             "lora": str(self.run_dir / f"{self.config.output.name}.safetensors"),
             **scan_summary(self.scan),
         })  # fmt: skip
+
+    def add_to_report(self, fields: dict) -> None:
+        """Add `fields` to run.json (after `write_report`)."""
+        self._write_json({**self.report, **fields})
 
     def _write_json(self, report: dict) -> None:
         self.report = report

@@ -82,6 +82,13 @@ def strip_trigger(caption: str, trigger: str) -> str:
     return ", ".join(w for w in words if w and w != trigger)
 
 
+def report_prompts(captions: list[str], trigger: str, images: int) -> tuple[list, list]:
+    """`images` prompts without the trigger (the captions' contents in turn) and with it."""
+    contents = sorted({strip_trigger(c, trigger) for c in captions})
+    prompts = [contents[i % len(contents)] for i in range(images)]
+    return prompts, [f"{trigger}, {p}" if p else trigger for p in prompts]
+
+
 def render(base, prompts: list[str], seeds: list[int], steps: int, cfg: float, size: int):
     """One image per (prompt, seed) pair, in one batch, deterministic per seed."""
     pipe = base.pipeline(DDIMScheduler.from_config(base.scheduler.config))
@@ -132,10 +139,8 @@ def learning_report(
     size: int = 512,
 ) -> dict:
     """Render the four sets, score them, write learning_report.json and ab_grid.png."""
-    contents = sorted({strip_trigger(c, trigger) for c in captions})
-    prompts = [contents[i % len(contents)] for i in range(images)]
+    prompts, with_trigger = report_prompts(captions, trigger, images)
     seeds = [seed + i for i in range(images)]
-    with_trigger = [f"{trigger}, {p}" if p else trigger for p in prompts]
     modules = (base.unet, *base.text_encoders.values())
     was_training = [m.training for m in modules]
     for m in modules:
@@ -202,3 +207,45 @@ def summary(report: dict) -> str:
         f"(any change: {report['change_without_trigger']:.2f})\n"
         "  (0 = like the base model, 1 = like the training set)"
     )
+
+
+class StyleProbe:
+    """The learning report's shift and drift on a few fixed prompts and seeds, cheap enough to
+    measure at every checkpoint: the base's images are rendered once (the first call), each
+    call renders the LoRA's as it is then. Call it in eval mode without gradients."""
+
+    def __init__(
+        self,
+        style_images: list[Image.Image],
+        captions: list[str],
+        trigger: str,
+        images: int,
+        seed: int,
+        steps: int,
+        cfg: float,
+        size: int,
+    ):
+        self.prompts, self.with_trigger = report_prompts(captions, trigger, images)
+        self.seeds = [seed + i for i in range(images)]
+        self.steps, self.cfg, self.size = steps, cfg, size
+        self.style = mean_palette(style_images)
+        self.base_means: tuple[np.ndarray, np.ndarray] | None = None
+
+    def __call__(self, base) -> dict[str, float]:
+        """`style_shift_with_trigger` and `drift_without_trigger` of the LoRA as it is now."""
+        if self.base_means is None:
+            set_adapters(base, False)
+            self.base_means = self._means(base)
+            set_adapters(base, True)
+        lora_with, lora_without = self._means(base)
+        base_with, base_without = self.base_means
+        scores = style_scores(base_with, lora_with, base_without, lora_without, self.style)
+        return {
+            "style_shift_with_trigger": round(scores["shift"], 4),
+            "drift_without_trigger": round(scores["drift"], 4),
+        }
+
+    def _means(self, base) -> tuple[np.ndarray, np.ndarray]:
+        shot = (self.seeds, self.steps, self.cfg, self.size)
+        with_trigger = mean_palette(render(base, self.with_trigger, *shot))
+        return with_trigger, mean_palette(render(base, self.prompts, *shot))

@@ -1,12 +1,14 @@
 """The training recipe: a frozen base, LoRA layers on its attention, a diffusion loss.
 
 `train()` reads top to bottom as setup -> loop -> finish. What one step does is `step.py`,
-what a run shows of itself (samples, the learning report) is `evaluate.py`, what a checkpoint
-holds is `checkpoint.py` and what the run folder records is `record.py`.
+what a run shows of itself (samples, validation loss, checkpoints judged, the learning report)
+is `evaluate.py` (which images validate: `validation.py`; the best step: `progress.py`), what a
+checkpoint holds is `checkpoint.py` and what the run folder records is `record.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ from sdlora.dataset import (
 from sdlora.decode import parse_colour
 from sdlora.ema import LoraEma, make_ema
 from sdlora.errors import SdloraError
-from sdlora.evaluate import final_report, sample
+from sdlora.evaluate import Evaluation, final_report
 from sdlora.guard import check_compatible
 from sdlora.images import save_loss_curve
 from sdlora.lora import (
@@ -75,6 +77,7 @@ from sdlora.runtime import (
 )
 from sdlora.schedule import schedule_metadata
 from sdlora.step import Stepper, assemble_batch, encode_text, vae_scale
+from sdlora.validation import ValidationImages, choose_validation
 
 
 @dataclass
@@ -107,11 +110,7 @@ def train(
     c_data, c_train, c_out = config.dataset, config.train, config.output
     run_dir = Path(c_out.dir)
     lora_path = run_dir / f"{c_out.name}.safetensors"
-    if lora_path.exists() and not (c_out.overwrite or c_train.resume):
-        raise SdloraError(
-            f"{lora_path} already exists; choose another output.dir or output.name, "
-            "or set output.overwrite=true"
-        )
+    check_new_lora(lora_path, allowed=c_out.overwrite or bool(c_train.resume))
     resume_from = find_checkpoint(run_dir, c_train.resume) if c_train.resume else None
 
     # Devices, precision and processes; only the main process prints and writes.
@@ -127,8 +126,9 @@ def train(
     # Data first: every file decoded, a bad folder fails before any model loads.
     scan = scan_dataset(c_data)
     scan.require_examples()
+    scan, held_out = split_validation(scan, c_data, c_train.seed)
     steps = total_steps(scan, c_train, processes)
-    for line in preflight_lines(scan, steps, c_train, processes):
+    for line in preflight_lines(scan, steps, c_train, processes, held_out):
         say(line)
 
     # The frozen base with LoRA layers; the trained models as accelerate wraps them.
@@ -168,6 +168,7 @@ def train(
     if device.type == "cuda" or main:
         parked = cached_out(base, scan, c_data, train_te, prior, text_for)
     offload = Offload(parked, device, run_dir)
+    judge = Evaluation(base, config, record, offload, accelerator, held_out, latents, main)
     offload.park()
 
     # Optimizer, learning-rate schedule, random streams; a resumed run restores all of them.
@@ -188,12 +189,8 @@ def train(
     # Batches: one order for all processes; each process takes every n-th batch.
     order = batch_order(scan, c_train, skip=start * c_train.grad_accum * processes)
 
-    sampling = main and bool(config.sample.prompts)  # no prompts: no sample grids
-    samples = []
-    if sampling and not start:
-        with offload.use():
-            samples.append(sample(base, config, run_dir, step=0))
     losses = record.resume_log(start) if main else []
+    judge.begin(start)  # samples (no prompts: none) and validation at the start
     peak, started = PeakMemory(device), time.time()
 
     # The loop: a step on every process; logs, checkpoints and samples on the main one.
@@ -219,14 +216,8 @@ def train(
                 saved = record.checkpoint(step, steps, flat_params, state, collect_lora(base, ema))
             if stop.signum is not None:
                 accelerator.wait_for_everyone()
-                raise Interrupted(
-                    f"stopped by signal {stop.signum} after step {step}; checkpoint {saved}. "
-                    f"Resume with: sdlora train {run_dir / 'config.toml'} train.resume=latest",
-                    stop.signum,
-                )
-            if sampling and step < steps and config.sample.every and not step % config.sample.every:
-                with offload.use():
-                    samples.append(sample(base, config, run_dir, step=step))
+                raise Interrupted.after(step, stop.signum, saved, run_dir)
+            judge.after_step(step, steps)  # samples, validation, checkpoints judged
     bar.close()
     wall, peak_mb = time.time() - started, peak.megabytes()  # the loop's, before the last samples
     agree = ranks_agree(flat_params, accelerator)
@@ -241,8 +232,8 @@ def train(
         record.write_report(steps, start, losses, wall, peak_mb, agree, accelerator)
         offload.close()  # the rest of the run only samples
         with record.after_save(lora_path):
-            if sampling:
-                samples.append(sample(base, config, run_dir, step=steps))
+            for line in judge.finish(steps, losses):
+                say(line)
             save_loss_curve(losses, run_dir / "loss.png")
             if config.sample.report_images:  # learned, and only behind the trigger?
                 learning = final_report(base, config, run_dir, scan, latents, device)
@@ -250,7 +241,18 @@ def train(
             if c_out.bundle:  # ready to publish: previews, model card, civitai.json
                 say(f"bundle:  {write_bundle(run_dir, overwrite=True, device=c_train.device)}")
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir, lora_path, base, samples, losses, scan.skipped, learning, main)
+    return TrainResult(
+        run_dir, lora_path, base, judge.samples, losses, scan.skipped, learning, main
+    )
+
+
+def check_new_lora(lora_path: Path, allowed: bool) -> None:
+    """Refuse to replace an existing LoRA unless `allowed` (overwrite, or a resumed run)."""
+    if lora_path.exists() and not allowed:
+        raise SdloraError(
+            f"{lora_path} already exists; choose another output.dir or output.name, "
+            "or set output.overwrite=true"
+        )
 
 
 def batch_order(scan: Scan, c_train, skip: int = 0):
@@ -280,7 +282,9 @@ def optimization(params: dict[str, dict[str, torch.Tensor]], c_train, steps: int
     return optimizer, schedule
 
 
-def preflight_lines(scan: Scan, steps: int, c_train, processes: int) -> list[str]:
+def preflight_lines(
+    scan: Scan, steps: int, c_train, processes: int, held_out: ValidationImages | None = None
+) -> list[str]:
     """What the run prints about its data before any model loads."""
     buckets = ", ".join(f"{b} ({n})" for b, n in scan.bucket_counts().items())
     return [
@@ -288,7 +292,18 @@ def preflight_lines(scan: Scan, steps: int, c_train, processes: int) -> list[str
         *(f"  {line}" for line in summarise_problems(scan)),
         f"  {epoch_plan(scan, steps, c_train.batch_size, c_train.grad_accum, processes)}",
         f"  buckets: {buckets}",
+        *([f"  {held_out.note}"] if held_out is not None else []),
     ]
+
+
+def split_validation(scan: Scan, c_data: DatasetConfig, seed: int):
+    """The training scan and the validation images: held out of `scan`, scanned from
+    `dataset.validation_path` with the dataset's settings, or the training images."""
+    folder = None
+    if c_data.validation_path:
+        folder = scan_dataset(dataclasses.replace(c_data, path=c_data.validation_path,
+                                                  validation_path=""))  # fmt: skip
+    return choose_validation(scan, c_data.validation_split, seed, folder)
 
 
 def scan_dataset(c_data: DatasetConfig) -> Scan:

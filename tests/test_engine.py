@@ -43,6 +43,12 @@ def _config(style_dir, out, steps, *extra):
     return load_config(None, tiny_overrides(style_dir, out, steps) + RICH + list(extra))
 
 
+def _loss_lines(out) -> int:
+    """log.jsonl's training-loss lines (its validation lines have `val_loss` instead)."""
+    lines = (out / "log.jsonl").read_text().splitlines()
+    return sum('"loss"' in line for line in lines)
+
+
 def test_resume_gives_bit_identical_weights_and_logs(style_dir, tmp_path):
     straight = tmp_path / "straight"
     train(_config(style_dir, straight, 4, "train.save_every=2"), progress=False)
@@ -61,6 +67,14 @@ def test_resume_gives_bit_identical_weights_and_logs(style_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (straight / "log.jsonl").read_text() == (resumed / "log.jsonl").read_text()
     assert len(result.losses) == 4
+    judged = [
+        [
+            (e["step"], e["val_loss"], e["lora"])
+            for e in json.loads((run / "checkpoints.json").read_text())
+        ]
+        for run in (straight, resumed)
+    ]
+    assert judged[0] == judged[1] and [e[0] for e in judged[0]] == [2, 4]
 
 
 def test_checkpoints_are_complete_and_pruned(style_dir, tmp_path):
@@ -93,9 +107,7 @@ def test_sigint_finishes_the_step_saves_and_prints_the_resume_command(style_dir,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.time() + 240
-    while time.time() < deadline and not (
-        (out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2
-    ):
+    while time.time() < deadline and not ((out / "log.jsonl").is_file() and _loss_lines(out) >= 2):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=240)
@@ -103,7 +115,7 @@ def test_sigint_finishes_the_step_saves_and_prints_the_resume_command(style_dir,
     assert "Resume with: sdlora train" in stderr and "train.resume=latest" in stderr
     (checkpoint,) = complete_checkpoints(out)
     step = int(checkpoint.name.split("_")[1])
-    assert step == (out / "log.jsonl").read_text().count("\n")
+    assert step == _loss_lines(out)
     assert not (out / "style.safetensors").exists()
     assert not list(out.glob(".parked-*"))  # the parked VAE's file went with the process
     # The printed command works: the run goes on from that step.
@@ -220,7 +232,7 @@ def test_two_processes_agree_and_only_rank_zero_writes(style_dir, tmp_path):
     report = json.loads((out / "run.json").read_text())
     assert report["processes"] == 2 and report["ranks_agree"] is True
     assert report["distributed"] == "MULTI_CPU"  # accelerate's DDP: bucketed all-reduce
-    assert (out / "log.jsonl").read_text().count("\n") == 2
+    assert _loss_lines(out) == 2
     with safe_open(out / "style.safetensors", "pt") as f:
         assert f.metadata()["ss_epoch"] == "1" and f.metadata()["ss_steps"] == "2"
     assert len(list((out / "logs").iterdir())) == 1
@@ -330,15 +342,15 @@ def test_a_run_parks_the_vae_and_text_encoder_and_cleans_up(style_dir, tmp_path,
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux only")
 def test_run_json_peak_memory_is_the_loops_not_the_last_samples(style_dir, tmp_path, monkeypatch):
-    train_module = sys.modules["sdlora.train"]
-    real_sample, held = train_module.sample, []
+    evaluate_module = sys.modules["sdlora.evaluate"]
+    real_sample, held = evaluate_module.sample, []
 
     def heavy_last_sample(base, config, run_dir, step):
         if step == config.train.steps:
             held.append(np.ones(400 * 2**20 // 8))  # 400 MB, touched, kept to the end
         return real_sample(base, config, run_dir, step)
 
-    monkeypatch.setattr(train_module, "sample", heavy_last_sample)
+    monkeypatch.setattr(evaluate_module, "sample", heavy_last_sample)
     out = tmp_path / "run"
     train(load_config(None, tiny_overrides(style_dir, out, 2)), progress=False)
     status = open("/proc/self/status").read()
@@ -402,7 +414,7 @@ def test_each_checkpoint_leaves_a_loadable_lora_of_its_step(style_dir, tmp_path)
 
     out = tmp_path / "run"
     train(_config(style_dir, out, 4, "train.save_every=2", "train.keep_last=1"), progress=False)
-    files = sorted(p.name for p in out.glob("style*.safetensors"))
+    files = sorted(p.name for p in out.glob("style*.safetensors") if "best" not in p.name)
     assert files == ["style-step000002.safetensors", "style-step000004.safetensors",
                      "style.safetensors"]  # fmt: skip
     final, last, first = (load_file(out / name) for name in reversed(files))
@@ -442,15 +454,15 @@ def test_other_runtime_errors_are_not_called_out_of_memory():
 def test_a_failure_after_the_lora_is_saved_says_so_and_writes_run_json(
     style_dir, tmp_path, monkeypatch
 ):
-    train_module = sys.modules["sdlora.train"]
-    real_sample = train_module.sample
+    evaluate_module = sys.modules["sdlora.evaluate"]
+    real_sample = evaluate_module.sample
 
     def last_sample_fails(base, config, run_dir, step):
         if step == config.train.steps:
             raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
         return real_sample(base, config, run_dir, step)
 
-    monkeypatch.setattr(train_module, "sample", last_sample_fails)
+    monkeypatch.setattr(evaluate_module, "sample", last_sample_fails)
     out = tmp_path / "run"
     with pytest.raises(SdloraError, match="style.safetensors is saved, but the end-of-run"):
         train(load_config(None, tiny_overrides(style_dir, out, 2)), progress=False)

@@ -92,7 +92,8 @@ def test_debiased_estimation_weights_each_sample_by_snr(prediction_type):
 
 def test_unknown_loss_is_refused(tmp_path):
     with pytest.raises(SdloraError, match="train.loss must be one of"):
-        load_config(None, [f"dataset.path={tmp_path}", "dataset.trigger=zk", "train.loss=l1"])
+        load_config(None, [f"dataset.path={tmp_path}", "dataset.trigger=zk", "train.loss=l1",
+                           "model.base=tiny:sd1"])  # fmt: skip
 
 
 def test_loss_options_train_and_are_recorded(style_dir, tmp_path):
@@ -131,7 +132,7 @@ def test_multires_noise_adds_low_frequencies_at_unit_variance():
 def test_multires_noise_options_are_checked_and_recorded(style_dir, tmp_path):
     with pytest.raises(SdloraError, match="multires_noise_discount"):
         load_config(None, [f"dataset.path={style_dir}", "dataset.trigger=zk",
-                           "train.multires_noise_discount=0"])  # fmt: skip
+                           "model.base=tiny:sd1", "train.multires_noise_discount=0"])  # fmt: skip
     overrides = tiny_overrides(style_dir, tmp_path / "run", steps=2) + [
         "train.multires_noise_iterations=6", "sample.prompts=[]", "sample.report_images=0",
     ]  # fmt: skip

@@ -51,10 +51,11 @@ def test_sd2_family_follows_the_prediction_type_and_contradictions_are_refused(t
     assert load_base("tiny:sd2", prediction_type="v_prediction").family == "sd2-v"
     assert load_base("tiny:sd2-v", prediction_type="epsilon").family == "sd2"
     with pytest.raises(SdloraError, match="contradicts model.prediction_type"):
-        load_config(None, [f"dataset.path={tmp_path}", "model.family=sd2",
+        load_config(None, [f"dataset.path={tmp_path}", "model.family=sd2", "model.base=tiny:sd2",
                            "model.prediction_type=v_prediction"])  # fmt: skip
     with pytest.raises(SdloraError, match="model.prediction_type must be one of"):
-        load_config(None, [f"dataset.path={tmp_path}", "model.prediction_type=v"])
+        load_config(None, [f"dataset.path={tmp_path}", "model.prediction_type=v",
+                           "model.base=tiny:sd1"])  # fmt: skip
 
 
 def test_a_single_file_states_its_prediction_type_in_modelspec_metadata(tmp_path):
@@ -130,14 +131,17 @@ def test_generate_takes_the_prediction_type_from_the_lora_when_the_base_cannot_t
     assert stated.prediction_type == "epsilon"
 
 
-def test_generate_warns_when_prediction_types_differ(vpred_run, tmp_path):
+def test_generate_warns_when_prediction_types_differ(vpred_run, tmp_path, capsys):
     from sdlora.cli import main
 
-    with pytest.warns(UserWarning, match="trained on a v_prediction base; tiny:sdxl is epsilon"):
-        code = main(["generate", "--base", "tiny:sdxl", "--lora", str(vpred_run.lora_path),
-                     "--prompt", "zkstripes", "--steps", "2", "--size", "64x64",
-                     "--out", str(tmp_path / "out")])  # fmt: skip
+    code = main(["generate", "--base", "tiny:sdxl", "--lora", str(vpred_run.lora_path),
+                 "--prompt", "zkstripes", "--steps", "2", "--size", "64x64",
+                 "--out", str(tmp_path / "out")])  # fmt: skip
     assert code == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert any(line.startswith("sdlora: warning: ") and
+               "trained on a v_prediction base; tiny:sdxl is epsilon" in line
+               for line in warned)  # fmt: skip
 
 
 def test_with_schedule_keeps_a_zero_snr_config():

@@ -14,36 +14,10 @@ ComfyUI and Forge recognise by its first dimension.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-
-@dataclass(frozen=True)
-class Algo:
-    name: str
-    title: str
-    network_module: str
-    """`ss_network_module` of a file of this algo (what sd-scripts + LyCORIS write)."""
-    convs: bool
-    """Adapts the UNet's convolutions too (rank `conv_rank`, alpha `conv_alpha`)."""
-
-
-# kohya/LyCORIS key suffix -> role in the module record; the same for lora and locon.
-FILE_TENSORS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
-DORA_FILE_TENSORS = {".dora_scale": "dora_scale"}
-# role -> peft attribute holding it (a ModuleDict / ParameterDict by adapter name).
-PEFT_TENSORS = {"down": "lora_A", "up": "lora_B"}
-DORA_PEFT_TENSORS = {"dora_scale": "lora_magnitude_vector"}
-
-ALGOS = {
-    "lora": Algo("lora", "LoRA", "networks.lora", convs=False),
-    "locon": Algo("locon", "LoCon", "lycoris.kohya", convs=True),
-}
-# The UNet convolutions LoCon adapts, as peft suffixes: the ResNet blocks' 3x3 convs and 1x1
-# shortcut, and the down/upsamplers' conv (sd-scripts' and LyCORIS's ResnetBlock2D,
-# Downsample2D and Upsample2D targets).
-UNET_CONVS = ("conv1", "conv2", "conv_shortcut", "conv")
 
 
 def low_rank_delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -58,6 +32,41 @@ def dora_weight(weight: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) 
     merged = weight.float() + delta
     norm = merged.flatten(1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
     return scale.float().reshape(norm.shape) * merged / norm
+
+
+@dataclass(frozen=True)
+class Algo:
+    name: str
+    title: str
+    network_module: str
+    """`ss_network_module` of a file of this algo (what sd-scripts + LyCORIS write)."""
+    convs: bool
+    """Adapts the UNet's convolutions too (rank `conv_rank`, alpha `conv_alpha`)."""
+    file_tensors: dict[str, str]
+    """kohya/LyCORIS key suffix -> role in the module record, in the order written."""
+    peft_tensors: dict[str, str]
+    """role -> the peft layer attribute holding it (by adapter name)."""
+    delta: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    """(down, up, alpha) -> ΔW."""
+
+
+FILE_TENSORS = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+PEFT_TENSORS = {"down": "lora_A", "up": "lora_B"}
+ALGOS = {
+    "lora": Algo(
+        "lora", "LoRA", "networks.lora", False, FILE_TENSORS, PEFT_TENSORS, low_rank_delta
+    ),
+    "locon": Algo(
+        "locon", "LoCon", "lycoris.kohya", True, FILE_TENSORS, PEFT_TENSORS, low_rank_delta
+    ),
+}
+# DoRA goes with either: one more tensor per module, and its own weight (`dora_weight`).
+DORA_FILE_TENSORS = {".dora_scale": "dora_scale"}
+DORA_PEFT_TENSORS = {"dora_scale": "lora_magnitude_vector"}
+# The UNet convolutions LoCon adapts, as peft suffixes: the ResNet blocks' 3x3 convs and 1x1
+# shortcut, and the down/upsamplers' conv (sd-scripts' and LyCORIS's ResnetBlock2D,
+# Downsample2D and Upsample2D targets).
+UNET_CONVS = ("conv1", "conv2", "conv_shortcut", "conv")
 
 
 def adapted_weight(module, weight: torch.Tensor) -> torch.Tensor:

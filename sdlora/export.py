@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 from peft import LoraConfig
 
-from sdlora.algos import DORA_FILE_TENSORS, network_args, network_module
+from sdlora.algos import DORA_FILE_TENSORS, FILE_TENSORS, network_args, network_module
 from sdlora.errors import SdloraError
 from sdlora.families import FAMILIES, LABEL_KEY, known_label
 from sdlora.lora import Lora, most_common
@@ -44,9 +44,9 @@ def to_kohya_state_dict(lora: Lora, family: str, dtype: str = "fp16") -> dict[st
     for component, path, module in lora.modules():
         name = kohya_name(component, path, family)
         down, up, alpha = cast_module(module, dtype, f"{component}:{path}")
-        tensors[f"{name}.lora_down.weight"] = down
-        tensors[f"{name}.lora_up.weight"] = up
-        tensors[f"{name}.alpha"] = alpha
+        roles = {"down": down, "up": up, "alpha": alpha}
+        for suffix, role in FILE_TENSORS.items():
+            tensors[name + suffix] = roles[role]
         for suffix, role in DORA_FILE_TENSORS.items():
             if role in module.extra:
                 tensors[name + suffix] = cast_tensor(

@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from sdlora.algos import UNET_CONVS, low_rank_delta
+from sdlora.algos import DORA_PEFT_TENSORS, PEFT_TENSORS, UNET_CONVS, low_rank_delta
 
 ADAPTER = "default"
 
@@ -116,10 +116,10 @@ def inject_lora(
 
 
 def _adapter_parameters(layer: LoraLayer, adapter: str) -> list[torch.nn.Parameter]:
-    params = [*layer.lora_A[adapter].parameters(), *layer.lora_B[adapter].parameters()]
-    if adapter in layer.lora_magnitude_vector:
-        params += list(layer.lora_magnitude_vector[adapter].parameters())
-    return params
+    """The parameters of `adapter` in `layer`: each algo tensor's peft module (see algos)."""
+    attributes = [*PEFT_TENSORS.values(), *DORA_PEFT_TENSORS.values()]
+    holders = [getattr(layer, a) for a in attributes]
+    return [p for holder in holders if adapter in holder for p in holder[adapter].parameters()]
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:

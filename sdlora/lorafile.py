@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sdlora.algos import DORA_FILE_TENSORS, FILE_TENSORS
+from sdlora.algos import ALGOS, DORA_FILE_TENSORS
 from sdlora.errors import SdloraError
 from sdlora.lora import Lora, LoraModule
 from sdlora.naming import split_kohya_name
@@ -43,7 +43,10 @@ FULL_MODEL_MARKERS = (
     "conditioner.embedders.",
     "conv_in.weight",
 )
-KOHYA_SUFFIXES = {**FILE_TENSORS, **DORA_FILE_TENSORS}
+KOHYA_SUFFIXES = {
+    **{suffix: role for algo in ALGOS.values() for suffix, role in algo.file_tensors.items()},
+    **DORA_FILE_TENSORS,
+}
 # diffusers/peft key endings -> which matrix they hold.
 DIFFUSERS_SUFFIXES = {
     ".lora_A.weight": "down", ".lora_B.weight": "up",

@@ -9,6 +9,7 @@ from conftest import tiny_overrides
 from safetensors import safe_open
 
 from sdlora import load_config, train
+from sdlora.algos import adapted_weight
 from sdlora.errors import SdloraError
 from sdlora.generate import Generator, LoraSpec
 from sdlora.lora import lora_layers
@@ -109,6 +110,7 @@ def test_generate_applies_the_reference_delta_of_each_algo(dora, style_dir, tmp_
         scale = module.extra.get("dora_scale")
         expected = _reference_weight(weight, module.down, module.up, module.alpha, scale)
         assert (fused_weights[path + ".weight"].float() - expected).abs().max() <= 1e-5, path
+        assert (adapted_weight(module, weight) - expected).abs().max() <= 1e-5, path
         checked += weight.dim() == 4
     assert checked > 0 and (module.dora == dora)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import tomli_w
 
+from sdlora.algos import ALGOS
 from sdlora.decode import parse_colour
 from sdlora.errors import SdloraError
 from sdlora.families import BASE_LABELS, PREDICTION_TYPES, known_label, same_architecture
@@ -213,6 +214,14 @@ class LoraConfig:
     """Also train a LoRA on the text encoder's attention (q, k, v, out projections)."""
     init_from: str | None = None
     """Start from this LoRA file (same rank and targets) instead of a fresh initialisation."""
+    algo: str = "lora"
+    """`lora`, or `locon`: also the UNet's ResNet and resampler convolutions (LyCORIS's LoCon)."""
+    conv_rank: int | None = None
+    """Rank of the convolutions' update (`locon` only; unset: `rank`)."""
+    conv_alpha: float | None = None
+    """Alpha of the convolutions' update (`locon` only; unset: `conv_rank`)."""
+    dora: bool = False
+    """DoRA: also learn each adapted weight's magnitude per output channel."""
 
     def __post_init__(self):
         _check_positive("lora.rank", self.rank)
@@ -220,6 +229,23 @@ class LoraConfig:
             object.__setattr__(self, "alpha", float(self.rank))
         _check_positive("lora.alpha", self.alpha)
         _check_choice("lora.unet_targets", self.unet_targets, UNET_TARGETS)
+        _check_choice("lora.algo", self.algo, tuple(ALGOS))
+        if not isinstance(self.dora, bool):
+            raise SdloraError(f"lora.dora must be true or false, got {self.dora!r}")
+        if not ALGOS[self.algo].convs:
+            for key in ("conv_rank", "conv_alpha"):
+                if getattr(self, key) is not None:
+                    raise SdloraError(
+                        f"lora.{key} applies to convolutions, which lora.algo = "
+                        f'"{self.algo}" does not adapt; set lora.algo = "locon" or drop lora.{key}'
+                    )
+            return
+        if self.conv_rank is None:
+            object.__setattr__(self, "conv_rank", self.rank)
+        _check_positive("lora.conv_rank", self.conv_rank)
+        if self.conv_alpha is None:
+            object.__setattr__(self, "conv_alpha", float(self.conv_rank))
+        _check_positive("lora.conv_alpha", self.conv_alpha)
 
 
 @dataclass(frozen=True)

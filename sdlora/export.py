@@ -22,6 +22,7 @@ import safetensors.torch
 import torch
 from peft import LoraConfig
 
+from sdlora.algos import DORA_FILE_TENSORS, FILE_TENSORS, network_args, network_module
 from sdlora.errors import SdloraError
 from sdlora.families import FAMILIES, LABEL_KEY, known_label
 from sdlora.lora import Lora, most_common
@@ -43,10 +44,26 @@ def to_kohya_state_dict(lora: Lora, family: str, dtype: str = "fp16") -> dict[st
     for component, path, module in lora.modules():
         name = kohya_name(component, path, family)
         down, up, alpha = cast_module(module, dtype, f"{component}:{path}")
-        tensors[f"{name}.lora_down.weight"] = down
-        tensors[f"{name}.lora_up.weight"] = up
-        tensors[f"{name}.alpha"] = alpha
+        roles = {"down": down, "up": up, "alpha": alpha}
+        for suffix, role in FILE_TENSORS.items():
+            tensors[name + suffix] = roles[role]
+        for suffix, role in DORA_FILE_TENSORS.items():
+            if role in module.extra:
+                tensors[name + suffix] = cast_tensor(
+                    module.extra[role], dtype, f"{component}:{path}"
+                )
     return tensors
+
+
+def cast_tensor(tensor: torch.Tensor, dtype: str, where: str) -> torch.Tensor:
+    """A further tensor of a module (DoRA's scale) as written in `dtype`, finite or refused."""
+    cast = tensor.to(DTYPES[dtype]).contiguous()
+    if not cast.isfinite().all():
+        raise SdloraError(
+            f"LoRA module {where} holds values that are not finite in {dtype}; nothing was "
+            "written. Write bf16 or fp32 (output.dtype, --dtype)"
+        )
+    return cast
 
 
 def cast_module(module, dtype: str, where: str) -> tuple[torch.Tensor, ...]:
@@ -81,6 +98,10 @@ def build_metadata(
     tag_frequency: dict[str, dict[str, int]] | None = None,
     training: dict[str, object] | None = None,
     base_label: str = "",
+    algo: str = "lora",
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    dora: bool = False,
 ) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` metadata sd-scripts writes, every value a string.
 
@@ -88,6 +109,7 @@ def build_metadata(
     small. `training` holds further `ss_*` fields (without the prefix): steps, lr, seed, ...
     `base_label` (e.g. `Pony`) goes into `ss_base_model_label`: `ss_base_model_version` and
     `modelspec.architecture` keep the values loaders key on, which have no room for it.
+    `algo`, `conv_rank`, `conv_alpha` and `dora` name the adapter (see `sdlora.algos`).
     """
     spec = FAMILIES[family]
     tags = _cap_tags(tag_frequency or {})
@@ -98,7 +120,7 @@ def build_metadata(
             counts.setdefault(word.lower(), 1)
     meta = {
         "ss_output_name": title,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module(algo, dora),
         "ss_network_dim": str(rank),
         "ss_network_alpha": str(float(alpha)),
         "ss_base_model_version": spec.ss_base_model_version,
@@ -115,6 +137,9 @@ def build_metadata(
         "modelspec.prediction_type": "v" if spec.prediction_type == "v_prediction" else "epsilon",
         "modelspec.trigger_phrase": ", ".join(trigger_words),
     }
+    args = network_args(algo, conv_rank, conv_alpha, dora)
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     if base_label:
         meta[LABEL_KEY] = known_label(base_label) or base_label
     for key, value in (training or {}).items():
@@ -243,6 +268,12 @@ def to_diffusers_state_dict(
             down, up, _ = cast_module(module, dtype, f"{component}:{path}")
             tensors[f"{component}.{path}.lora_A.weight"] = down
             tensors[f"{component}.{path}.lora_B.weight"] = up
+            if module.dora:  # peft's own shapes: [out], conv [1, out, 1, 1]
+                scale = module.extra["dora_scale"].flatten()
+                scale = scale.reshape(1, -1, 1, 1) if up.dim() == 4 else scale
+                tensors[f"{component}.{path}.lora_magnitude_vector"] = cast_tensor(
+                    scale, dtype, f"{component}:{path}"
+                )
         rank = most_common([m.rank for m in modules.values()])
         alpha = most_common([m.alpha for m in modules.values()])
         config = LoraConfig(
@@ -251,6 +282,7 @@ def to_diffusers_state_dict(
             target_modules=sorted(modules),
             rank_pattern={p: m.rank for p, m in modules.items() if m.rank != rank},
             alpha_pattern={p: m.alpha for p, m in modules.items() if m.alpha != alpha},
+            use_dora=any(m.dora for m in modules.values()),
         ).to_dict()
         for key, value in config.items():
             configs[f"{component}.{key}"] = sorted(value) if isinstance(value, set) else value

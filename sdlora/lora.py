@@ -15,6 +15,8 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from sdlora.algos import DORA_PEFT_TENSORS, PEFT_TENSORS, UNET_CONVS, low_rank_delta
+
 ADAPTER = "default"
 
 # Module-name suffixes, matched by peft against the end of each module's path.
@@ -33,24 +35,29 @@ UNET_TARGET_PRESETS = {
 
 @dataclass
 class LoraModule:
-    """One adapted module: ΔW = (alpha / rank) · up @ down."""
+    """One adapted module: ΔW = (alpha / rank) · up @ down, and any further tensors of its
+    algo (see `sdlora.algos`)."""
 
     down: torch.Tensor
     """[rank, in] (conv: [rank, in, k, k])."""
     up: torch.Tensor
     """[out, rank] (conv: [out, rank, 1, 1])."""
     alpha: float
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Further tensors by role: `dora_scale` [out, 1] (conv: [out, 1, 1, 1]) for DoRA."""
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
 
+    @property
+    def dora(self) -> bool:
+        return "dora_scale" in self.extra
+
     def delta(self) -> torch.Tensor:
-        """The weight update this module adds, in float32, shaped like the module's weight."""
-        delta = (self.alpha / self.rank) * (
-            self.up.float().flatten(1) @ self.down.float().flatten(1)
-        )
-        return delta.reshape(self.up.shape[0], *self.down.shape[1:])
+        """The low-rank update, in float32, shaped like the module's weight (DoRA rescales
+        the base weight plus this: `sdlora.algos.adapted_weight`)."""
+        return low_rank_delta(self.down, self.up, self.alpha)
 
 
 @dataclass
@@ -74,21 +81,45 @@ class Lora:
         return len(self.components.get(component, {}))
 
 
-def inject_lora(model: torch.nn.Module, rank: int, alpha: float, targets: tuple[str, ...]) -> int:
+def inject_lora(
+    model: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    targets: tuple[str, ...],
+    conv_rank: int | None = None,
+    conv_alpha: float | None = None,
+    dora: bool = False,
+) -> int:
     """Add trainable LoRA layers to `model`'s `targets` in place; freeze everything else.
 
+    With `conv_rank` (LoCon) the UNet's convolutions (`sdlora.algos.UNET_CONVS`) are adapted
+    too, at that rank and `conv_alpha`; with `dora`, each layer also learns DoRA's magnitude.
     The down matrices start random and the up matrices at zero, so the model's output is
     unchanged until the first step. Returns the number of trainable parameters.
     """
+    options = {}
+    if conv_rank is not None:
+        targets = (*targets, *UNET_CONVS)
+        options["rank_pattern"] = {_exact(c): conv_rank for c in UNET_CONVS}
+        options["alpha_pattern"] = {_exact(c): conv_alpha for c in UNET_CONVS}
+    if dora:
+        options["use_dora"] = True
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True
+        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True, **options
     )
     model.requires_grad_(False)
     model.add_adapter(config, adapter_name=ADAPTER)
     for layer in lora_layers(model).values():
-        for param in (*layer.lora_A[ADAPTER].parameters(), *layer.lora_B[ADAPTER].parameters()):
+        for param in _adapter_parameters(layer, ADAPTER):
             param.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _adapter_parameters(layer: LoraLayer, adapter: str) -> list[torch.nn.Parameter]:
+    """The parameters of `adapter` in `layer`: each algo tensor's peft module (see algos)."""
+    attributes = [*PEFT_TENSORS.values(), *DORA_PEFT_TENSORS.values()]
+    holders = [getattr(layer, a) for a in attributes]
+    return [p for holder in holders if adapter in holder for p in holder[adapter].parameters()]
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
@@ -108,10 +139,16 @@ def extract_lora(model: torch.nn.Module) -> dict[str, LoraModule]:
     for name, layer in lora_layers(model).items():
         if ADAPTER not in layer.lora_A:
             continue
+        up = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
+        extra = {}
+        if ADAPTER in layer.lora_magnitude_vector:
+            magnitude = layer.lora_magnitude_vector[ADAPTER].weight.detach().float().cpu()
+            extra["dora_scale"] = magnitude.reshape(up.shape[0], *[1] * (up.dim() - 1)).clone()
         out[name.removeprefix("text_model.")] = LoraModule(
             down=layer.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
-            up=layer.lora_B[ADAPTER].weight.detach().float().cpu().clone(),
+            up=up,
             alpha=float(layer.lora_alpha[ADAPTER]),
+            extra=extra,
         )
     return out
 
@@ -130,12 +167,17 @@ def add_lora(model: torch.nn.Module, modules: dict[str, LoraModule], adapter: st
     resolved = {resolve_path(names, path): module for path, module in modules.items()}
     rank = most_common([m.rank for m in resolved.values()])
     alpha = most_common([m.alpha for m in resolved.values()])
+    dora = {m.dora for m in resolved.values()}
+    if len(dora) > 1:
+        raise ValueError("a LoRA with DoRA on some modules only")  # refused when read
+    options = {"use_dora": True} if dora == {True} else {}
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         target_modules=sorted(resolved),
         rank_pattern={_exact(p): m.rank for p, m in resolved.items() if m.rank != rank},
         alpha_pattern={_exact(p): m.alpha for p, m in resolved.items() if m.alpha != alpha},
+        **options,
     )
     with warnings.catch_warnings():
         # peft warns on every adapter after the first; several LoRAs at once are the point.
@@ -148,8 +190,12 @@ def add_lora(model: torch.nn.Module, modules: dict[str, LoraModule], adapter: st
             down, up = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
             down.copy_(module.down.reshape(down.shape))
             up.copy_(module.up.reshape(up.shape))
-            down.requires_grad_(False)
-            up.requires_grad_(False)
+            if module.dora:
+                # peft set the magnitude from the base weight; the file's replaces it.
+                magnitude = layer.lora_magnitude_vector[adapter].weight
+                magnitude.copy_(module.extra["dora_scale"].reshape(magnitude.shape))
+            for param in _adapter_parameters(layer, adapter):
+                param.requires_grad_(False)
 
 
 def random_lora(base, rank: int, alpha: float, std: float, seed: int = 0) -> Lora:

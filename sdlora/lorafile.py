@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from sdlora.algos import ALGOS, DORA_FILE_TENSORS
 from sdlora.errors import SdloraError
 from sdlora.lora import Lora, LoraModule
 from sdlora.naming import split_kohya_name
@@ -28,9 +29,13 @@ LYCORIS_MARKERS = {
     "hada_w1": "LoHa (LyCORIS)",
     "lokr_w1": "LoKr (LyCORIS)",
     "oft_blocks": "OFT (LyCORIS)",
-    "dora_scale": "DoRA",
+    "oft_diag": "OFT (LyCORIS)",
+    "on_input": "IA3 (LyCORIS)",
+    ".a1.weight": "GLoRA (LyCORIS)",
     "lora_mid": "LoCon with CP decomposition (LyCORIS)",
 }
+# Key endings of LyCORIS algos whose names also occur inside other keys.
+LYCORIS_ENDINGS = {".diff": "full-weight difference (LyCORIS `full`)"}
 FULL_MODEL_MARKERS = (
     "model.diffusion_model.",
     "first_stage_model.",
@@ -38,7 +43,10 @@ FULL_MODEL_MARKERS = (
     "conditioner.embedders.",
     "conv_in.weight",
 )
-KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+KOHYA_SUFFIXES = {
+    **{suffix: role for algo in ALGOS.values() for suffix, role in algo.file_tensors.items()},
+    **DORA_FILE_TENSORS,
+}
 # diffusers/peft key endings -> which matrix they hold.
 DIFFUSERS_SUFFIXES = {
     ".lora_A.weight": "down", ".lora_B.weight": "up",
@@ -46,6 +54,7 @@ DIFFUSERS_SUFFIXES = {
     ".lora.down.weight": "down", ".lora.up.weight": "up",
     ".lora_linear_layer.down.weight": "down", ".lora_linear_layer.up.weight": "up",
     "_lora.down.weight": "down", "_lora.up.weight": "up",  # attention processors
+    ".lora_magnitude_vector": "dora_scale",  # peft's DoRA: [out] (conv: [1, out, 1, 1])
     ".alpha": "alpha",
 }  # fmt: skip
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder_2", "text_encoder")
@@ -196,7 +205,8 @@ def nonfinite_modules(lora: Lora, first_only: bool = False) -> list[str]:
     """`component:path` of the modules whose matrices or alpha hold NaN or infinity."""
     bad = []
     for component, path, m in lora.modules():
-        if not (math.isfinite(m.alpha) and bool(m.down.isfinite().all() & m.up.isfinite().all())):
+        tensors = (m.down, m.up, *m.extra.values())
+        if not (math.isfinite(m.alpha) and all(bool(t.isfinite().all()) for t in tensors)):
             bad.append(f"{component}:{path}")
             if first_only:
                 break
@@ -216,11 +226,12 @@ def require_finite(lora: Lora, source: str) -> None:
 def lora_from_state_dict(tensors: dict, metadata: dict[str, str], source: str = "LoRA") -> Lora:
     """The canonical form of a kohya or diffusers/peft state dict."""
     keys = list(tensors)
-    for marker, kind in LYCORIS_MARKERS.items():
-        if any(marker in k for k in keys):
-            raise SdloraError(
-                f"{source} is a {kind} file; sdlora reads plain LoRA files only for now"
-            )
+    found = [kind for marker, kind in LYCORIS_MARKERS.items() if any(marker in k for k in keys)]
+    found += [kind for end, kind in LYCORIS_ENDINGS.items() if any(k.endswith(end) for k in keys)]
+    if found:
+        raise SdloraError(
+            f"{source} is a {found[0]} file; sdlora reads LoRA, LoCon and DoRA files only"
+        )
     if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
         return _from_kohya(tensors, metadata, source)
     if any(k.endswith(suffix) for k in keys for suffix in DIFFUSERS_SUFFIXES if suffix != ".alpha"):
@@ -279,6 +290,10 @@ def _diffusers_path(name: str) -> tuple[str, str]:
 
 def _assemble(parts: dict, configs: dict, metadata: dict, source: str, file_format: str) -> Lora:
     lora = Lora(metadata=dict(metadata), file_format=file_format)
+    if len({"dora_scale" in roles for roles in parts.values()}) > 1:
+        raise SdloraError(
+            f"{source} has DoRA scales on some modules only; sdlora applies DoRA to all or none"
+        )
     for (component, path), roles in parts.items():
         if "down" not in roles or "up" not in roles:
             missing = "down" if "down" not in roles else "up"
@@ -289,7 +304,11 @@ def _assemble(parts: dict, configs: dict, metadata: dict, source: str, file_form
             alpha = float(roles["alpha"].item())
         else:
             alpha = _configured_alpha(configs, component, path, rank=down.shape[0], source=source)
-        lora.components.setdefault(component, {})[path] = LoraModule(down, up, alpha)
+        extra = {}
+        if "dora_scale" in roles:
+            where = f"{source}: {component}:{path}"
+            extra["dora_scale"] = _dora_scale(roles["dora_scale"], up, where, file_format)
+        lora.components.setdefault(component, {})[path] = LoraModule(down, up, alpha, extra)
     return lora
 
 
@@ -308,6 +327,20 @@ def _check_shapes(down, up, alpha, where: str) -> None:
         raise SdloraError(
             f"{where}: alpha has shape {list(alpha.shape)}; a single number is expected"
         )
+
+
+def _dora_scale(scale, up, where: str, file_format: str):
+    """DoRA's magnitude on the output axis ([out, 1] or [out, 1, 1, 1] in a kohya file, peft's
+    shapes in a diffusers one, see `sdlora.algos`); LyCORIS's default input-axis form [1, in]
+    is refused by name."""
+    out = up.shape[0]
+    axis_ok = file_format == "diffusers" or scale.shape[0] == out
+    if not scale.is_floating_point() or scale.numel() != out or not axis_ok:
+        raise SdloraError(
+            f"{where}: dora_scale has shape {list(scale.shape)}; sdlora applies DoRA on the "
+            f"output axis only ([{out}, 1]), not LyCORIS's input-axis form"
+        )
+    return scale.reshape(out, *[1] * (up.dim() - 1))
 
 
 def _configured_alpha(configs: dict, component: str, path: str, rank: int, source: str) -> float:

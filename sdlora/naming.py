@@ -141,11 +141,20 @@ def diffusers_to_sai(path: str) -> str:
         return f"output_blocks.{3 * int(m[1]) + int(m[2])}.0.{RESNET_TO_LDM[m[3]]}"
     if m := re.match(r"mid_block\.resnets\.(\d)\.(\w+)$", path):
         return f"middle_block.{2 * int(m[1])}.{RESNET_TO_LDM[m[2]]}"
+    # Resamplers (LoCon): SDXL's upsampling blocks all have attentions, so theirs is the 3rd.
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv$", path):
+        return f"input_blocks.{3 * int(m[1]) + 3}.0.op"
+    if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv$", path):
+        return f"output_blocks.{3 * int(m[1]) + 2}.2.conv"
     raise ValueError(f"no SAI name for UNet module {path!r}")
 
 
 def sai_to_diffusers(path: str) -> str:
     """Map SAI (LDM) UNet block names back to diffusers paths; other paths pass through."""
+    if m := re.match(r"input_blocks\.(\d+)\.0\.op$", path):
+        return f"down_blocks.{int(m[1]) // 3 - 1}.downsamplers.0.conv"
+    if m := re.match(r"output_blocks\.(\d+)\.2\.conv$", path):
+        return f"up_blocks.{int(m[1]) // 3}.upsamplers.0.conv"
     if m := re.match(r"input_blocks\.(\d+)\.([01])\.(.*)", path):
         n = int(m[1]) - 1
         if m[2] == "1":

@@ -84,6 +84,10 @@ class RunRecord:
             base_label=c.model.base_label,
             tag_frequency=tag_frequency(self.scan),
             training=self.training_metadata(at_step, steps),
+            algo=c.lora.algo,
+            conv_rank=c.lora.conv_rank,
+            conv_alpha=c.lora.conv_alpha,
+            dora=c.lora.dora,
         )
         metadata.update(lora.metadata)  # what the LoRA knows of its schedule (prediction type)
         export.save_kohya(path, lora, lora.family, metadata, dtype=c.output.dtype)

@@ -352,10 +352,14 @@ def base_with_lora(config: Config, train_te: bool, device) -> tuple[Base, torch.
         )
     weight_dtype = cast_frozen(base, c_train.mixed_precision)
     torch.manual_seed(c_train.seed)  # the LoRA's initial down matrices
-    inject_lora(base.unet, c_lora.rank, c_lora.alpha, UNET_TARGET_PRESETS[c_lora.unet_targets])
+    targets = UNET_TARGET_PRESETS[c_lora.unet_targets]
+    convs = {"conv_rank": c_lora.conv_rank, "conv_alpha": c_lora.conv_alpha}
+    inject_lora(base.unet, c_lora.rank, c_lora.alpha, targets, **convs, dora=c_lora.dora)
     for encoder in base.text_encoders.values():
         if train_te:
-            inject_lora(encoder, c_lora.rank, c_lora.alpha, TEXT_ENCODER_ATTENTION)
+            inject_lora(
+                encoder, c_lora.rank, c_lora.alpha, TEXT_ENCODER_ATTENTION, dora=c_lora.dora
+            )
         else:
             encoder.requires_grad_(False)
     base.vae.requires_grad_(False)
@@ -406,7 +410,16 @@ def start_from_lora(base: Base, path: Path, alpha: float) -> None:
                 down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
                 down.copy_(module.down.reshape(down.shape))
                 # The update stays the file's own: its alpha may differ from lora.alpha.
-                up.copy_(module.up.reshape(up.shape) * (module.alpha / alpha))
+                up.copy_(module.up.reshape(up.shape) * (module.alpha / layer.lora_alpha[ADAPTER]))
+                if module.dora != (ADAPTER in layer.lora_magnitude_vector):
+                    raise SdloraError(
+                        f"lora.init_from {path.name} "
+                        + ("is" if module.dora else "is not")
+                        + " a DoRA file; set lora.dora to match"
+                    )
+                if module.dora:
+                    magnitude = layer.lora_magnitude_vector[ADAPTER].weight
+                    magnitude.copy_(module.extra["dora_scale"].reshape(magnitude.shape))
 
 
 def draw_prior(base: Base, config: Config, scan: Scan) -> PriorSet:

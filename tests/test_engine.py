@@ -49,9 +49,12 @@ def _loss_lines(out) -> int:
     return sum('"loss"' in line for line in lines)
 
 
-def test_resume_gives_bit_identical_weights_and_logs(style_dir, tmp_path):
+@pytest.mark.parametrize(
+    "algo", [[], ["lora.algo=locon", "lora.dora=true"]], ids=["lora", "locon+dora"]
+)
+def test_resume_gives_bit_identical_weights_and_logs(algo, style_dir, tmp_path):
     straight = tmp_path / "straight"
-    train(_config(style_dir, straight, 4, "train.save_every=2"), progress=False)
+    train(_config(style_dir, straight, 4, "train.save_every=2", *algo), progress=False)
     assert [p.name for p in complete_checkpoints(straight)] == ["step_000002", "step_000004"]
 
     # The same run stopped after step 2: its folder as it was then, resumed from there.
@@ -59,7 +62,7 @@ def test_resume_gives_bit_identical_weights_and_logs(style_dir, tmp_path):
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / "step_000004")
     (resumed / "style.safetensors").unlink()
-    config = _config(style_dir, resumed, 4, "train.save_every=2", "train.resume=latest")
+    config = _config(style_dir, resumed, 4, "train.save_every=2", "train.resume=latest", *algo)
     result = train(config, progress=False)
     assert json.loads((resumed / "run.json").read_text())["resumed_at"] == 2
 

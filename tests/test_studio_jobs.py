@@ -187,3 +187,16 @@ def test_a_finished_run_shows_its_report_grids_and_files(trained):
     assert {"style.safetensors", "ab_grid.png", "run.json", "learning_report.json"} <= set(names)
     assert [p.name for p in progress.samples] == ["step_000000.png", "step_000003.png"]
     assert progress.per_s is None  # no pace for a job that is not running
+
+
+def test_the_loss_curve_leaves_out_validation_lines(tmp_path):
+    from sdlora.studio.runs import read_log
+
+    (tmp_path / "log.jsonl").write_text(
+        '{"step": 0, "val_loss": 0.5, "val_images": "2 held out"}\n'
+        '{"step": 1, "loss": 0.9, "lr": 0.001}\n'
+        '{"step": 2, "loss": 0.8, "lr": 0.001}\n'
+        '{"step": 2, "val_loss": 0.4, "val_images": "2 held out"}\n'
+        '{"step": 3, "lo'  # a line being written
+    )
+    assert read_log(tmp_path) == ([1, 2], [0.9, 0.8])

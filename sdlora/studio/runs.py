@@ -189,7 +189,8 @@ class Progress:
 
 
 def read_log(run_dir: Path) -> tuple[list[int], list[float]]:
-    """Steps and losses of log.jsonl (a line being written is skipped)."""
+    """Steps and training losses of log.jsonl (a line being written, and the validation
+    lines, which hold `val_loss` instead, are skipped)."""
     steps, losses = [], []
     try:
         lines = (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()
@@ -199,6 +200,8 @@ def read_log(run_dir: Path) -> tuple[list[int], list[float]]:
         try:
             entry = json.loads(line)
         except ValueError:
+            continue
+        if "loss" not in entry:
             continue
         steps.append(int(entry["step"]))
         losses.append(float(entry["loss"]))

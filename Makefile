@@ -29,9 +29,14 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The suite trains tiny models: one thread each, for the same reason as the demo.
+# The suite trains tiny models: one thread each, for the same reason as the demo, and two
+# test processes (TEST_JOBS) share the cores; a test module stays on one process (its shared
+# fixtures, the studio's one app per module). Measured: 11 min 18 s in one process, 5 min 45 s
+# in two on a 2-core machine.
+TEST_JOBS ?= 2
 test: lint
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q --durations=15
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q --durations=15 \
+		-n $(TEST_JOBS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

@@ -77,59 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", help="base checkpoint: .safetensors file, diffusers folder, hub id")
     p.add_argument("-o", "--out", type=Path, help="config to write (default: DIR's name.toml)")
 
-    p = sub.add_parser("generate", help="generate images with LoRAs applied")
-    p.add_argument("--base", required=True, help="base: folder, .safetensors, hub id, tiny:sd1")
-    p.add_argument(
-        "--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA (repeatable)"
-    )
-    p.add_argument("--lora-dir", type=Path, help="where <lora:NAME:SCALE> prompt tags look")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--negative", default="")
-    p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
-    p.add_argument("--size", type=_size, default=None, metavar="WxH")
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=4096 * 4096,
-        help="largest width x height --size may ask for (default 4096x4096)",
-    )
-    p.add_argument("--num", type=int, default=1, help="images (seeds seed, seed+1, ...)")
-    p.add_argument("--sampler", default="ddim", help="euler, euler_a, dpmpp_2m, ddim, ...")
-    p.add_argument(
-        "--prediction-type",
-        choices=("epsilon", "v_prediction"),
-        help="what the base predicts, when its file cannot tell (default: the base's, else "
-        "the LoRA's metadata)",
-    )
-    p.add_argument(
-        "--zero-terminal-snr",
-        action="store_true",
-        help="the base was trained with zero terminal SNR (default: from the base or LoRA)",
-    )
-    p.add_argument(
-        "--guidance-rescale",
-        type=_unit_fraction,
-        help="φ from 0 to 1 (default: 0.7 with zero terminal SNR, else 0)",
-    )
-    p.add_argument(
-        "--trigger",
-        default="warn",
-        choices=("auto", "warn", "off"),
-        help="auto: prepend the LoRAs' missing trigger words; warn (default): warn if none",
-    )
-    p.add_argument("--grid", metavar="AXIS=V1,V2", help="scales=0,0.5,1 or trigger=on,off")
-    p.add_argument("--no-fuse", action="store_true", help="keep LoRAs as separate layers")
-    p.add_argument("--allow-pickle", action="store_true", help="read pickle LoRAs (weights only)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "fp32", "fp16", "bf16"),
-        help="auto: fp16 on CUDA, fp32 on the CPU",
-    )
+    add_generate_parser(sub)
 
     p = sub.add_parser(
         "merge", help="fuse LoRAs into a base: a diffusers folder or one .safetensors checkpoint"
@@ -209,6 +157,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default="studio", help="folder for runs and jobs (./studio)")
     p.add_argument("--auth", metavar="USER:PASSWORD", help="required for a non-local --host")
     return parser
+
+
+def add_generate_parser(sub) -> None:
+    """`sdlora generate`: its settings are many, so they are declared here."""
+    p = sub.add_parser("generate", help="generate images with LoRAs applied")
+    p.add_argument("--base", required=True, help="base: folder, .safetensors, hub id, tiny:sd1")
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA (repeatable)"
+    )
+    p.add_argument("--lora-dir", type=Path, help="where <lora:NAME:SCALE> prompt tags look")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative", default="")
+    p.add_argument("--out", required=True, type=Path, help="folder for the PNGs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
+    p.add_argument("--size", type=_size, default=None, metavar="WxH")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="largest width x height --size may ask for (default 4096x4096)",
+    )
+    p.add_argument("--num", type=int, default=1, help="images (seeds seed, seed+1, ...)")
+    p.add_argument("--sampler", default="ddim", help="euler, euler_a, dpmpp_2m, ddim, ...")
+    p.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        help="what the base predicts, when its file cannot tell (default: the base's, else "
+        "the LoRA's metadata)",
+    )
+    p.add_argument(
+        "--zero-terminal-snr",
+        action="store_true",
+        help="the base was trained with zero terminal SNR (default: from the base or LoRA)",
+    )
+    p.add_argument(
+        "--guidance-rescale",
+        type=_unit_fraction,
+        help="φ from 0 to 1 (default: 0.7 with zero terminal SNR, else 0)",
+    )
+    p.add_argument(
+        "--trigger",
+        default="warn",
+        choices=("auto", "warn", "off"),
+        help="auto: prepend the LoRAs' missing trigger words; warn (default): warn if none",
+    )
+    p.add_argument("--grid", metavar="AXIS=V1,V2", help="scales=0,0.5,1 or trigger=on,off")
+    p.add_argument("--no-fuse", action="store_true", help="keep LoRAs as separate layers")
+    p.add_argument("--allow-pickle", action="store_true", help="read pickle LoRAs (weights only)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        help="auto: fp16 on CUDA, fp32 on the CPU",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -211,7 +211,6 @@ def train(
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
             if main and ((c_train.save_every and step % c_train.save_every == 0) or stop.signum):
-                check_finite(flat_params, step)
                 state = training_state(optimizer, lr_schedule, scaler, rngs, base.family, ema)
                 saved = record.checkpoint(step, steps, flat_params, state, collect_lora(base, ema))
             if stop.signum is not None:
@@ -365,7 +364,7 @@ def base_with_lora(config: Config, train_te: bool, device) -> tuple[Base, torch.
     base.vae.requires_grad_(False)
     cast_training_params([base.unet, *base.text_encoders.values()], dtype=torch.float32)
     if c_lora.init_from:
-        start_from_lora(base, Path(c_lora.init_from), c_lora.alpha)
+        start_from_lora(base, Path(c_lora.init_from))
     for module in (base.unet, base.vae, *base.text_encoders.values()):
         module.to(device)
     check_resolution(base, config.dataset.resolution)
@@ -386,7 +385,7 @@ def check_resolution(base: Base, resolution: int) -> None:
         )
 
 
-def start_from_lora(base: Base, path: Path, alpha: float) -> None:
+def start_from_lora(base: Base, path: Path) -> None:
     """Load an existing LoRA into the freshly injected adapters (after the version guard)."""
     lora = read_lora(path)
     check_compatible(base, lora, path.name)

@@ -16,10 +16,10 @@ from pathlib import Path
 from PIL import Image
 
 from sdlora.captions import caption_with_trigger, template_caption
-from sdlora.dataset import Problem, find_sidecar, walk_images
 from sdlora.decode import ImageProblem, open_rgb
 from sdlora.errors import SdloraError
 from sdlora.export import write_atomic
+from sdlora.folders import Problem, find_sidecar, walk_images
 
 CAPTIONERS = ("blip",)
 BLIP_EXAMPLE = "Salesforce/blip-image-captioning-base"

@@ -1,4 +1,6 @@
-"""The `sdlora check` report: per-file status, counts, aspect ratios and buckets of a scan.
+"""What a scan holds, in words and numbers: the `sdlora check` report (per-file status, counts,
+aspect ratios, buckets), the problem lines training prints, and the per-folder counts that a
+LoRA's metadata records.
 
 `report(scan)` is a plain dict (the `--json` output); `format_report` is its text form. File
 names and reasons are escaped (`printable`) in both, so a newline or a byte that is not UTF-8 in
@@ -10,7 +12,10 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
-from sdlora.dataset import IMAGE_EXTENSIONS, Scan, epoch_plan, printable
+from sdlora.captions import split_tags
+from sdlora.dataset import Scan
+from sdlora.epochs import epoch_plan
+from sdlora.folders import IMAGE_EXTENSIONS, printable, relative_name
 
 DEFAULT_STEPS = 1000  # the steps the guidance line assumes (train.steps' default)
 
@@ -93,6 +98,48 @@ def display_width(text: str) -> int:
         0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
         for c in text
     )
+
+
+def summarise_problems(scan: Scan, limit: int = 3) -> list[str]:
+    """Report lines: every skipped file; warnings with the same reason grouped past `limit`."""
+    lines = [
+        f"skipped {printable(relative_name(p.path, scan.root))}: {printable(p.reason)}"
+        for p in scan.skipped
+    ]
+    groups: dict[str, list[Path]] = {}
+    for p in scan.warnings:
+        groups.setdefault(printable(p.reason), []).append(p.path)
+    for reason, paths in groups.items():
+        names = [printable(relative_name(path, scan.root)) for path in paths]
+        if len(names) > limit:
+            shown = ", ".join(names[:limit])
+            lines.append(f"warning: {reason} ({len(names)} files: {shown}, ...)")
+        else:
+            lines += [f"warning {name}: {reason}" for name in names]
+    return lines
+
+
+def tag_frequency(scan: Scan) -> dict[str, dict[str, int]]:
+    """`{folder_name: {tag: count}}` over the captions, as sd-scripts records it."""
+    counts: dict[str, dict[str, int]] = {}
+    for example in scan.examples:
+        folder = example.path.parent
+        name = scan.root.name if folder == scan.root else relative_name(folder, scan.root)
+        tags = counts.setdefault(name, {})
+        for tag in split_tags(example.caption.lower()):
+            tags[tag] = tags.get(tag, 0) + 1
+    return counts
+
+
+def folder_counts(scan: Scan) -> dict[str, dict[str, int]]:
+    """`{folder: {"n_repeats": r, "img_count": n}}` (sd-scripts' `ss_dataset_dirs`)."""
+    dirs: dict[str, dict[str, int]] = {}
+    for example in scan.examples:
+        folder = example.path.parent
+        name = scan.root.name if folder == scan.root else relative_name(folder, scan.root)
+        entry = dirs.setdefault(name, {"n_repeats": example.repeats, "img_count": 0})
+        entry["img_count"] += 1
+    return dirs
 
 
 def _problem(problem, scan: Scan) -> dict:

@@ -13,9 +13,11 @@ import torch
 from sdlora import export
 from sdlora.checkpoint import save_checkpoint
 from sdlora.config import Config, config_to_toml
-from sdlora.dataset import Scan, folder_counts, steps_per_epoch, tag_frequency
+from sdlora.dataset import Scan
+from sdlora.epochs import steps_per_epoch
 from sdlora.errors import SdloraError
 from sdlora.lora import Lora
+from sdlora.preflight import folder_counts, tag_frequency
 from sdlora.runtime import OPTIMIZER_NAMES
 from sdlora.step import quality_metadata
 

@@ -34,18 +34,13 @@ from sdlora.checkpoint import (
     training_state,
 )
 from sdlora.config import Config, DatasetConfig, load_config
-from sdlora.dataset import (
-    Problem,
-    Scan,
-    epoch_plan,
-    scan_folder,
-    steps_per_epoch,
-    summarise_problems,
-)
+from sdlora.dataset import Scan, scan_folder
 from sdlora.decode import parse_colour
 from sdlora.ema import LoraEma, make_ema
+from sdlora.epochs import epoch_plan, steps_per_epoch
 from sdlora.errors import SdloraError
 from sdlora.evaluate import Evaluation, final_report
+from sdlora.folders import Problem
 from sdlora.guard import check_compatible
 from sdlora.images import save_loss_curve
 from sdlora.lora import (
@@ -60,6 +55,7 @@ from sdlora.lora import (
 )
 from sdlora.lorafile import read_lora
 from sdlora.models import Base, load_base
+from sdlora.preflight import summarise_problems
 from sdlora.prior import PriorSet, generate_prior
 from sdlora.record import RunRecord
 from sdlora.report import set_adapters, summary

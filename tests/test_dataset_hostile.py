@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 
 from sdlora.cli import main
-from sdlora.dataset import epoch_plan, scan_folder, summarise_problems
+from sdlora.dataset import scan_folder
+from sdlora.epochs import epoch_plan
 from sdlora.errors import SdloraError
-from sdlora.preflight import display_width
+from sdlora.preflight import display_width, summarise_problems
 
 
 def _image(path, colour, size=(64, 64)):

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlora.captions import CaptionProblem, caption_with_trigger, read_caption_file, split_tags
-from sdlora.dataset import Scan, find_sidecar, scan_folder
+from sdlora.dataset import Scan, scan_folder
 from sdlora.errors import SdloraError
 from sdlora.export import write_atomic
+from sdlora.folders import find_sidecar
 from sdlora.preflight import report
 
 THUMB = 64  # thumbnail side in the table, pixels

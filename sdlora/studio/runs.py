@@ -87,7 +87,7 @@ class Estimate:
 
 def estimate(config: Config) -> Estimate:
     """Images, repeats, steps and epochs of `config`, from the same scan the trainer does."""
-    from sdlora.dataset import steps_per_epoch
+    from sdlora.epochs import steps_per_epoch
     from sdlora.train import scan_dataset, total_steps
 
     scan = scan_dataset(config.dataset)

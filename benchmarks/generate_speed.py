@@ -16,9 +16,10 @@ import time
 from pathlib import Path
 
 from sdlora.export import save_lora
-from sdlora.generate import Generator, LoraSpec
+from sdlora.generate import Generator
 from sdlora.lora import random_lora
 from sdlora.models import load_base
+from sdlora.prompts import LoraSpec
 
 
 def random_lora_file(base_spec: str, path: Path, seed: int) -> Path:

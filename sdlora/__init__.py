@@ -19,7 +19,8 @@ warnings.filterwarnings(
 
 from sdlora.config import Config, load_config  # noqa: E402
 from sdlora.errors import SdloraError  # noqa: E402
-from sdlora.generate import LoraSpec, generate  # noqa: E402
+from sdlora.generate import generate  # noqa: E402
+from sdlora.prompts import LoraSpec  # noqa: E402
 from sdlora.train import TrainResult, train  # noqa: E402
 
 __all__ = ["Config", "LoraSpec", "SdloraError", "TrainResult", "generate", "load_config", "train"]

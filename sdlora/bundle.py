@@ -143,10 +143,11 @@ def render_previews(
 ) -> list[dict]:  # fmt: skip
     """Draw each prompt with seed `seed + i` by the base alone and with the LoRA at `weight`;
     each PNG carries the infotext generate writes (prompt with `<lora:name:weight>`)."""
-    from sdlora.generate import Generator, LoraSpec
+    from sdlora.generate import Generator
     from sdlora.images import save_png
     from sdlora.lorafile import read_lora
     from sdlora.models import load_base
+    from sdlora.prompts import LoraSpec
     from sdlora.schedule import prediction_from_metadata, zero_snr_from_metadata
 
     # The LoRA's metadata says how its base was trained (v-prediction, zero terminal SNR):

@@ -312,19 +312,17 @@ def cmd_init(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from sdlora.generate import (
-        Generator,
+    from sdlora.generate import Generator, check_sampler
+    from sdlora.grids import grid_images, parse_grid
+    from sdlora.images import save_grid
+    from sdlora.prompts import (
         LoraSpec,
         check_output_folder,
-        check_sampler,
         check_settings,
-        grid_images,
-        parse_grid,
         prompt_loras,
         save_images,
         with_triggers,
     )
-    from sdlora.images import save_grid
 
     check_sampler(args.sampler)
     check_settings(args.steps, args.cfg, args.seed, args.num, args.size, args.max_pixels)
@@ -360,8 +358,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from sdlora.generate import LoraSpec
     from sdlora.merge import check_merge_target, merge
+    from sdlora.prompts import LoraSpec
 
     check_merge_target(args.out)
     loras = [LoraSpec.parse(t) for t in args.lora]

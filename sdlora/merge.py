@@ -16,7 +16,8 @@ from safetensors import SafetensorError
 
 from sdlora.errors import SdloraError
 from sdlora.export import write_error
-from sdlora.generate import Generator, LoraSpec
+from sdlora.generate import Generator
+from sdlora.prompts import LoraSpec
 
 # Names of pickle checkpoints: merge writes a folder or a .safetensors file, so these are a mistake.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

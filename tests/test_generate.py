@@ -15,7 +15,8 @@ from PIL import Image
 from sdlora.cli import main
 from sdlora.errors import SdloraError
 from sdlora.export import build_metadata, save_lora
-from sdlora.generate import Generator, LoraSpec, generate, placement, prompt_loras
+from sdlora.generate import Generator, generate, placement
+from sdlora.prompts import LoraSpec, prompt_loras
 
 
 def _make_lora(path, family="sd1", trigger="zkfoo", file_format="kohya", seed=0):

@@ -18,7 +18,7 @@ _lock = threading.Lock()  # one generation at a time: the pipeline's adapters ar
 
 def lora_specs(text: str) -> list:
     """One `FILE` or `FILE:WEIGHT` per line, as `--lora` takes them."""
-    from sdlora.generate import LoraSpec
+    from sdlora.prompts import LoraSpec
 
     return [LoraSpec.parse(line.strip()) for line in text.splitlines() if line.strip()]
 
@@ -41,7 +41,8 @@ def generator_for(base: str, loras: list):
 
 def render(base, lora_text, prompt, negative, seed, steps, sampler, cfg, width, height, out_dir):
     """Images saved with their infotext as `sdlora generate` saves them; (paths, notes)."""
-    from sdlora.generate import check_sampler, save_images, with_triggers
+    from sdlora.generate import check_sampler
+    from sdlora.prompts import save_images, with_triggers
 
     check_sampler(sampler)
     loras = lora_specs(lora_text)
@@ -58,7 +59,7 @@ def render(base, lora_text, prompt, negative, seed, steps, sampler, cfg, width, 
 
 def ab_images(base, lora_text, prompt, seed, steps, sampler, cfg, width, height):
     """Base vs LoRA, without and with the trigger: four images from one seed."""
-    from sdlora.generate import grid_images
+    from sdlora.grids import grid_images
 
     loras = lora_specs(lora_text)
     if not loras:

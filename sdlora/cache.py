@@ -7,18 +7,22 @@ family (and `clip_skip`). Keys hold only what changes the outputs, and nothing t
 between two runs of the same setup (diffusers' private `_`-keys list defaults in any order).
 Entries live in memory for the run and, when a cache folder is given, also as one small
 safetensors file each (`latents/` and `text/` in it), reused by later runs. The folder is never
-the dataset folder: sdlora does not write there.
+the dataset folder: sdlora does not write there. A cache file that cannot be read (a disk
+fault, a copy cut short) is sdlora's own: it is removed with a warning and computed again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from sdlora.dataset import Example, Scan, load_pixels
@@ -86,6 +90,28 @@ def check_cache_folder(folder: Path, dataset: Path) -> None:
         )
 
 
+def _read_entry(path: Path, names: tuple[str, ...], device="cpu") -> dict[str, torch.Tensor] | None:
+    """The tensors of the cache file `path`, or None when there is none. A file that cannot be
+    read or lacks any of `names` is removed, with a warning, so its entry is computed again."""
+    if not path.is_file():
+        return None
+    try:
+        stored = load_file(path, device=str(device))
+        missing = [name for name in names if name not in stored]
+        if not missing:
+            return stored
+        reason = f"it holds no {missing[0]!r} tensor"
+    except (SafetensorError, OSError) as e:
+        reason = str(e) or type(e).__name__
+    warnings.warn(
+        f"cache file {path} cannot be used ({reason}); removed, its entry is computed again",
+        stacklevel=3,
+    )
+    with contextlib.suppress(OSError):  # writing the new entry then names the problem
+        path.unlink()
+    return None
+
+
 class LatentCache:
     """VAE latents (1, 4, H/8, W/8), scaled by the VAE's factor, with the crop they came from.
 
@@ -127,8 +153,8 @@ class LatentCache:
             self.hits += 1
             return self.memory[key]
         path = self.folder / f"{key}.safetensors" if self.folder is not None else None
-        if path is not None and path.is_file():
-            stored = load_file(path)
+        stored = _read_entry(path, ("latent", "crop")) if path is not None else None
+        if stored is not None:
             entry = (stored["latent"], tuple(stored["crop"].tolist()))
             self.disk_hits += 1
         else:
@@ -209,9 +235,9 @@ class TextCache:
 
     def _load(self, caption: str) -> bool:
         path = self.folder / f"{self.key(caption)}.safetensors"
-        if not path.is_file():
+        stored = _read_entry(path, ("hidden",), self.device or "cpu")
+        if stored is None:
             return False
-        stored = load_file(path, device=str(self.device or "cpu"))
         self.memory[caption] = (stored["hidden"], stored.get("pooled"))
         self.disk_hits += 1
         return True

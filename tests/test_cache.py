@@ -6,11 +6,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save
 
 from sdlora.buckets import batches_per_epoch, bucket_batches
 from sdlora.cache import LatentCache, TextCache, text_fingerprint, vae_fingerprint
@@ -224,3 +226,72 @@ def test_sdxl_trains_on_buckets_with_each_images_size_and_crop(tmp_path):
     assert geometry == [(64, 128, 16, 0, 64, 192)]
     ids = added_cond(result.base, torch.zeros(1, 8), geometry, "cpu")["time_ids"]
     assert ids.tolist() == [[64, 128, 16, 0, 64, 192]]
+
+
+DAMAGE = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "garbage": lambda data: b"not a safetensors file",
+    "other tensors": lambda data: save({"x": torch.zeros(2)}),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_latent_entry_is_reported_removed_and_computed_again(tmp_path, damage):
+    folder = _folder(tmp_path)
+    vae = load_base("tiny:sd1").vae
+    scan = scan_folder(folder, "zk", resolution=64)
+    first = LatentCache(vae, scan, "cpu", tmp_path / "cache")
+    first.fill(scan.examples, (False,))
+    damaged = tmp_path / "cache" / "latents" / f"{first.key(scan.examples[0], False)}.safetensors"
+    damaged.write_bytes(DAMAGE[damage](damaged.read_bytes()))
+
+    second = LatentCache(vae, scan, "cpu", tmp_path / "cache")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second.fill(scan.examples, (False,))
+    assert [str(w.message).count(str(damaged)) for w in caught] == [1]
+    assert (second.misses, second.disk_hits) == (1, 1)
+    for example in scan.examples:
+        assert torch.equal(second.get(example)[0], first.get(example)[0])
+    assert torch.equal(load_file(damaged)["latent"], first.get(scan.examples[0])[0])  # rewritten
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_text_entry_is_reported_removed_and_encoded_again(tmp_path, damage):
+    calls = []
+
+    def encode(captions):
+        calls.append(list(captions))
+        return torch.arange(len(captions) * 6.0).reshape(len(captions), 2, 3), None
+
+    TextCache(encode, cache_dir=tmp_path, fingerprint="f")(["x", "y"])
+    cache = TextCache(encode, cache_dir=tmp_path, fingerprint="f")
+    damaged = tmp_path / "text" / f"{cache.key('y')}.safetensors"
+    damaged.write_bytes(DAMAGE[damage](damaged.read_bytes()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        hidden, _ = cache(["x", "y"])
+    assert [str(w.message).count(str(damaged)) for w in caught] == [1]
+    assert calls == [["x", "y"], ["y"]] and cache.disk_hits == 1
+    assert torch.equal(hidden[1], torch.arange(6.0).reshape(2, 3))
+    assert torch.equal(load_file(damaged)["hidden"], hidden[1])  # rewritten
+
+
+def test_training_goes_on_past_a_damaged_cache_file_with_one_warning(style_dir, tmp_path, capsys):
+    from conftest import tiny_overrides
+
+    from sdlora.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    common = [f"dataset.cache_dir={tmp_path / 'cache'}", "sample.report_images=0", "--no-progress"]
+    assert main(["train", str(config), *tiny_overrides(style_dir, tmp_path / "a", 1), *common]) == 0
+    damaged = sorted((tmp_path / "cache" / "latents").iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    capsys.readouterr()
+    assert main(["train", str(config), *tiny_overrides(style_dir, tmp_path / "b", 1), *common]) == 0
+    err = capsys.readouterr().err
+    named = [line for line in err.splitlines() if damaged.name in line]
+    assert len(named) == 1 and named[0].startswith(f"sdlora: warning: cache file {damaged} "), err
+    assert "Traceback" not in err and load_file(damaged)["latent"].shape == (1, 4, 8, 8)

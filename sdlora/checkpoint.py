@@ -15,6 +15,7 @@ import random
 import shutil
 import signal
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,30 +161,66 @@ def find_checkpoint(run_dir: Path, spec: str) -> Path:
             raise SdloraError(
                 f"train.resume=latest but {run_dir / 'checkpoints'} holds no complete checkpoint"
             )
-        return found[-1]
-    path = Path(spec).expanduser()
-    if not (path / MARKER).is_file():
-        raise SdloraError(
-            f"{path} is not a complete sdlora checkpoint (no {MARKER} marker); "
-            "pass a checkpoints/step_NNNNNN folder or train.resume=latest"
-        )
+        path = found[-1]
+    else:
+        path = Path(spec).expanduser()
+        if not (path / MARKER).is_file():
+            raise SdloraError(
+                f"{path} is not a complete sdlora checkpoint (no {MARKER} marker); "
+                "pass a checkpoints/step_NNNNNN folder or train.resume=latest"
+            )
+    _check_whole(path)
     return path
+
+
+def _check_whole(path: Path) -> None:
+    """Refuse a checkpoint whose files were cut short, before any model loads: a cheap look
+    at the safetensors header and the index at the end of state.pt (a zip archive);
+    `load_checkpoint` reads them in full."""
+    file = path / "lora.safetensors"
+    try:
+        with safetensors.safe_open(file, "pt"):
+            pass
+        file = path / "state.pt"
+        zipfile.ZipFile(file).close()
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever the reader says
+        raise _unreadable(path, file, e) from None
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(LoRA parameters, training state) of a complete checkpoint; one holding NaN or
-    infinity is refused (resuming from it would train on nothing but NaN)."""
+    infinity is refused (resuming from it would train on nothing but NaN). Its files are only
+    read: a damaged checkpoint is named, with the one to resume from instead."""
+    file = path / "lora.safetensors"
     try:
-        params = safetensors.torch.load_file(path / "lora.safetensors")
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        params = safetensors.torch.load_file(file)
+        file = path / "state.pt"
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever the reader says
-        raise SdloraError(f"checkpoint {path} cannot be read ({e}); resume from another") from None
+        raise _unreadable(path, file, e) from None
     bad = next((name for name, t in params.items() if not t.isfinite().all()), None)
     if bad is not None:
         raise SdloraError(
-            f"checkpoint {path} holds NaN or infinity (first in {bad}); resume from an earlier one"
+            f"checkpoint {path} holds NaN or infinity (first in {bad}); {_instead(path)}"
         )
     return params, state
+
+
+def _unreadable(path: Path, file: Path, error: Exception) -> SdloraError:
+    # Readers explain at length (torch: a paragraph); the first sentence says what broke.
+    reason = " ".join(str(error).split(". ")[0].split()) or type(error).__name__
+    return SdloraError(f"checkpoint file {file} cannot be read ({reason}); {_instead(path)}")
+
+
+def _instead(path: Path) -> str:
+    """What to do when checkpoint `path` cannot be resumed: the newest complete one before it
+    in its run, or a fresh start."""
+    found = [p.resolve() for p in complete_checkpoints(path.parent.parent)]
+    here = path.resolve()
+    earlier = found[: found.index(here)] if here in found else []
+    if earlier:
+        return f"resume from an earlier checkpoint with train.resume={earlier[-1]}"
+    return "no earlier checkpoint of the run is complete: start it again without train.resume"
 
 
 def restore_checkpoint(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,10 +50,10 @@ class RunRecord:
 
         log.jsonl has a line per logged step, `{"step", "loss", "lr"}`, and a line per
         validation, `{"step", "val_loss", "val_images"}`."""
-        lines = _read_lines(self.log_path) if resumed_at else []
-        kept = [line for line in lines if json.loads(line)["step"] <= resumed_at]
-        self.log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        return [entry["loss"] for entry in map(json.loads, kept) if "loss" in entry]
+        entries = _read_entries(self.log_path) if resumed_at else []
+        kept = [entry for entry in entries if entry["step"] <= resumed_at]
+        self.log_path.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
+        return [entry["loss"] for entry in kept if "loss" in entry]
 
     def log_step(self, accelerator, step: int, loss: float, lr: float, grad_norm: float) -> None:
         """One line of log.jsonl, and the step's scalars to accelerate's trackers."""
@@ -65,7 +66,7 @@ class RunRecord:
 
     def validation_log(self) -> list[tuple[int, float]]:
         """(step, validation loss) of every validation line in log.jsonl."""
-        entries = map(json.loads, _read_lines(self.log_path))
+        entries = _read_entries(self.log_path)
         return [(e["step"], e["val_loss"]) for e in entries if "val_loss" in e]
 
     def _log(self, entry: dict) -> None:
@@ -210,5 +211,20 @@ def scan_summary(scan: Scan) -> dict:
     }
 
 
-def _read_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+def _read_entries(path: Path) -> list[dict]:
+    """log.jsonl's entries; a line that is not one (a run killed while writing it) is left out,
+    with a warning."""
+    lines = (
+        path.read_text(encoding="utf-8", errors="replace").splitlines() if path.is_file() else []
+    )
+    entries = []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("step"), int):
+            entries.append(entry)
+        else:
+            warnings.warn(f"{path} line {number} is not a whole log entry; left out", stacklevel=3)
+    return entries

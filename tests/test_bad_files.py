@@ -15,6 +15,7 @@ from sdlora import load_config, train
 from sdlora.checkpoint import (
     MARKER,
     complete_checkpoints,
+    find_checkpoint,
     load_checkpoint,
     remove_incomplete,
     save_checkpoint,
@@ -265,6 +266,36 @@ def test_half_written_checkpoint_folders_are_removed(tmp_path):
     assert [p.name for p in removed] == [".step_000002.k3j9x", ".step_000003.a1b2c"]
     assert [p.name for p in root.iterdir()] == ["step_000001"]
     assert remove_incomplete(tmp_path / "elsewhere") == []
+
+
+@pytest.mark.parametrize("name", ["lora.safetensors", "state.pt"])
+@pytest.mark.parametrize(
+    "damage",
+    [lambda d: d[: len(d) // 2], lambda d: b"", lambda d: b"not a checkpoint" * 64],
+    ids=["cut short", "empty", "garbage"],
+)
+def test_a_damaged_checkpoint_file_is_named_with_what_to_do_and_kept(tmp_path, name, damage):
+    state = {"optimizer": {"w": torch.arange(4096.0)}}
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, {"unet.a": torch.ones(64, 64)}, state, keep_last=2)
+    earlier, damaged = complete_checkpoints(tmp_path)
+    file = damaged / name
+    file.write_bytes(damage(file.read_bytes()))
+    before = file.read_bytes()
+    instead = f"; resume from an earlier checkpoint with train.resume={earlier}"
+    # find_checkpoint looks before any model loads; load_checkpoint reads the files in full.
+    for look in (lambda: find_checkpoint(tmp_path, "latest"), lambda: load_checkpoint(damaged)):
+        with pytest.raises(SdloraError) as caught:
+            look()
+        message = str(caught.value)
+        assert message.startswith(f"checkpoint file {file} cannot be read (") and instead in message
+        assert "\n" not in message and len(message) < 400 and file.read_bytes() == before
+
+    first = earlier / name  # the run's first checkpoint: nothing earlier to resume from
+    first.write_bytes(damage(first.read_bytes()))
+    for look in (lambda: find_checkpoint(tmp_path, str(earlier)), lambda: load_checkpoint(earlier)):
+        with pytest.raises(SdloraError, match="no earlier checkpoint of the run is complete: st"):
+            look()
 
 
 def test_odd_characters_in_names_are_escaped_in_messages(tmp_path, capsys):

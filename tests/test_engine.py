@@ -487,3 +487,37 @@ def test_a_run_removes_checkpoint_folders_a_killed_run_left_half_written(
     assert not stale.exists()
     assert f"removed {stale}" in capsys.readouterr().out
     assert [p.name for p in complete_checkpoints(out)] == ["step_000002", "step_000004"]
+
+
+def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_from_and_left_alone(
+    style_dir, tmp_path, capsys
+):
+    from sdlora.cli import main
+
+    out = tmp_path / "run"
+    train(_config(style_dir, out, 2, "train.save_every=1"), progress=False)
+    earlier, damaged = complete_checkpoints(out)
+    state = damaged / "state.pt"
+    state.write_bytes(state.read_bytes()[:1000])  # a copy cut short
+    with (out / "log.jsonl").open("a") as log:
+        log.write('{"step": 3, "lo')  # a run killed while writing a line
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    config = tmp_path / "c.toml"
+    config.write_text("")
+    args = ["train", str(config), *tiny_overrides(style_dir, out, 3), *RICH, "--no-progress"]
+    capsys.readouterr()
+
+    assert main([*args, "train.save_every=1", "train.resume=latest"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"sdlora: error: checkpoint file {state} ")
+    assert f"resume from an earlier checkpoint with train.resume={earlier}" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    # Resumed from the earlier one: the half-written log line is left out, with a warning.
+    assert main([*args, "train.save_every=1", f"train.resume={earlier}"]) == 0
+    err = capsys.readouterr().err
+    warned = [line for line in err.splitlines() if line.startswith("sdlora: warning:")]
+    assert len(warned) == 1 and f"{out / 'log.jsonl'} line " in warned[0], err
+    assert "is not a whole log entry" in warned[0] and "Traceback" not in err
+    entries = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in entries if "loss" in e] == [1, 2, 3]

@@ -17,7 +17,8 @@ warnings.filterwarnings(
     "ignore", r"`gradient_checkpointing_enable` is deprecated", FutureWarning, "transformers"
 )
 
-from sdlora.config import Config, load_config  # noqa: E402
+from sdlora.config import Config  # noqa: E402
+from sdlora.configfile import load_config  # noqa: E402
 from sdlora.errors import SdloraError  # noqa: E402
 from sdlora.generate import generate  # noqa: E402
 from sdlora.prompts import LoraSpec  # noqa: E402

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import tomlkit
 
-from sdlora.config import Config, check_file_name, config_from_dict, read_config_text
+from sdlora.config import Config, check_file_name
+from sdlora.configfile import config_from_dict, read_config_text
 from sdlora.errors import SdloraError
 
 

@@ -13,7 +13,8 @@ import torch
 
 from sdlora import export
 from sdlora.checkpoint import save_checkpoint
-from sdlora.config import Config, config_to_toml
+from sdlora.config import Config
+from sdlora.configfile import config_to_toml
 from sdlora.dataset import Scan
 from sdlora.epochs import steps_per_epoch
 from sdlora.errors import SdloraError

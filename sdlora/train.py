@@ -33,7 +33,8 @@ from sdlora.checkpoint import (
     restore_checkpoint,
     training_state,
 )
-from sdlora.config import Config, DatasetConfig, load_config
+from sdlora.config import Config, DatasetConfig
+from sdlora.configfile import load_config
 from sdlora.dataset import Scan, scan_folder
 from sdlora.decode import parse_colour
 from sdlora.ema import LoraEma, make_ema

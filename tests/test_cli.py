@@ -9,7 +9,7 @@ from conftest import tiny_overrides
 from PIL import Image
 
 from sdlora.cli import main, parse_args
-from sdlora.config import load_config
+from sdlora.configfile import load_config
 
 
 def _files(root):

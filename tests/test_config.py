@@ -7,7 +7,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from sdlora.config import SECTIONS, config_to_toml, load_config, parse_override, replace
+from sdlora.config import SECTIONS
+from sdlora.configfile import config_to_toml, load_config, parse_override, replace
 from sdlora.errors import SdloraError
 
 REPO = Path(__file__).resolve().parent.parent

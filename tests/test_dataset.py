@@ -14,7 +14,7 @@ from messy import make_messy, make_read_only, make_writable, snapshot
 from PIL import Image
 
 from sdlora.cli import main
-from sdlora.config import load_config
+from sdlora.configfile import load_config
 from sdlora.dataset import auto_repeats, load_pixels, scan_folder
 from sdlora.errors import SdloraError
 from sdlora.preflight import display_width

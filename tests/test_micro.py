@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sdlora import micro, shapes
-from sdlora.config import load_config
+from sdlora.configfile import load_config
 from sdlora.errors import SdloraError
 from sdlora.models import load_base
 from sdlora.report import palette, strip_trigger, style_scores

@@ -145,7 +145,7 @@ def copy_examples(folder: Path, n: int = 6) -> Path:
 
 
 def tiny_toml(dataset: Path, run_dir: Path, steps: int) -> str:
-    from sdlora.config import config_to_toml, load_config
+    from sdlora.configfile import config_to_toml, load_config
 
     overrides = tiny_overrides(dataset, run_dir, steps) + ["sample.report_images=0"]
     return config_to_toml(load_config(None, overrides))

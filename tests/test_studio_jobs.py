@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 
-from sdlora.config import load_config
+from sdlora.configfile import load_config
 from sdlora.studio import jobs, runs
 from sdlora.studio.jobs import Job, JobQueue
 

@@ -10,7 +10,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdlora.config import Config, config_from_dict, config_to_toml, replace
+from sdlora.config import Config
+from sdlora.configfile import config_from_dict, config_to_toml, replace
 from sdlora.errors import SdloraError
 from sdlora.studio.jobs import Job, JobQueue
 

@@ -101,7 +101,7 @@ def build(workspace: Path, queue: JobQueue) -> None:
     status = gr.Markdown(elem_id="tr-status")
 
     def form_to_toml(preset_name, *values):
-        from sdlora.config import config_to_toml
+        from sdlora.configfile import config_to_toml
 
         form = dict(zip(order, values, strict=True))
         sections: dict[str, dict] = {}

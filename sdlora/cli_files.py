@@ -1,0 +1,94 @@
+"""The file tools: `sdlora merge`, `inspect`, `export`, `bundle` and `push`. Each calls the
+library and prints."""
+
+from __future__ import annotations
+
+from sdlora.errors import SdloraError, printable
+
+
+def cmd_merge(args) -> int:
+    from sdlora.generate import LoraSpec
+    from sdlora.merge import check_merge_target, merge
+
+    check_merge_target(args.out)
+    loras = [LoraSpec.parse(t) for t in args.lora]
+    out = merge(args.base, loras, args.out, args.allow_pickle, dtype=args.dtype)
+    print(printable(str(out)))
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from sdlora.lorafile import inspect_lora
+
+    info = inspect_lora(args.file, allow_pickle=args.allow_pickle)
+    if args.json:
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+    modules = ", ".join(f"{c} {n}" for c, n in info["modules"].items() if n)
+    sure = (
+        " (unsure: " + "; ".join(info["family_evidence"]) + ")" if info["family_ambiguous"] else ""
+    )
+    print(f"file:        {printable(info['file'])} ({info['format']})")
+    print(f"family:      {info['family'] or 'unknown'}{sure}")
+    print(f"prediction:  {info['prediction_type']}")
+    print(f"base model:  {info['base_label'] or '-'}")
+    print(f"modules:     {modules}")
+    print(f"rank/alpha:  {info['ranks']} / {info['alphas']}")
+    print(printable(f"triggers:    {', '.join(info['trigger_words']) or '-'}"))
+    print(f"AutoV2:      {info['hashes']['autov2']}   AutoV3: {info['hashes']['autov3']}")
+    if bad := info["non_finite_modules"]:
+        print(f"NOT FINITE:  {len(bad)} module(s) hold NaN or infinity (first: {bad[0]}); "
+              "generate, merge and export refuse this file")  # fmt: skip
+    for key in sorted(info["metadata"]):
+        value = info["metadata"][key]
+        value = value if len(value) <= 100 else value[:97] + "..."
+        print(printable(f"  {key} = {value}"))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from sdlora.export import save_lora
+    from sdlora.lorafile import read_lora
+
+    if args.out.exists() and not args.overwrite:
+        raise SdloraError(f"{args.out} already exists; pass --overwrite or choose another -o")
+    if args.out.resolve() == args.file.resolve():
+        raise SdloraError("the output file is the input file; choose another -o")
+    lora = read_lora(args.file, allow_pickle=args.allow_pickle)
+    family = args.family or lora.family
+    if family is None:
+        raise SdloraError(f"the family of {args.file} cannot be told; pass --family")
+    metadata = {
+        k: v for k, v in lora.metadata.items() if not k.startswith(("sshs_", "lora_adapter"))
+    }
+    metadata.pop("modelspec.hash_sha256", None)
+    save_lora(args.out, lora, family, args.format, metadata, args.dtype)
+    print(printable(str(args.out)))
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from sdlora.bundle import write_bundle
+
+    out = write_bundle(args.source, args.out, license=args.license, base=args.base,
+                       weight=args.weight, previews=not args.no_previews,
+                       overwrite=args.overwrite, device=args.device)  # fmt: skip
+    print(out)
+    return 0
+
+
+def cmd_push(args) -> int:
+    from sdlora.hub import bundle_files, check_repo_id, push_bundle
+
+    if args.dry_run:
+        check_repo_id(args.repo)
+        files = bundle_files(args.bundle)
+        for name, size in files:
+            print(f"{size:>12,}  {name}")
+        total = sum(size for _, size in files)
+        print(f"{len(files)} files, {total:,} bytes -> {args.repo} (dry run: nothing uploaded)")
+        return 0
+    print(push_bundle(args.bundle, args.repo, private=args.private))
+    return 0

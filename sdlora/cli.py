@@ -12,13 +12,18 @@ from pathlib import Path
 from sdlora.cli_files import (
     cmd_bundle,
     cmd_export,
+    cmd_extract,
     cmd_inspect,
     cmd_merge,
     cmd_push,
+    cmd_resize,
 )
 from sdlora.cli_generate import add_generate_parser, cmd_generate
 from sdlora.cli_train import cmd_caption, cmd_check, cmd_demo, cmd_init, cmd_train, cmd_ui
 from sdlora.errors import SdloraError, printable
+
+# Kept here, not imported from sdlora.resize: that module loads torch, and --help should not.
+DYNAMIC_METHODS = ("sv_ratio", "sv_cumulative", "sv_fro")
 
 # `sdlora init --family F` starts from configs/F-style.toml.
 INIT_FAMILIES = ("sd15", "sd21-768", "sdxl")
@@ -95,6 +100,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"), help="if undetectable")
     p.add_argument("--allow-pickle", action="store_true", help="read a pickle file (weights only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("resize", help="lower a LoRA/LoCon file's rank by SVD (reports kept energy)")
+    p.add_argument("file", type=Path)
+    p.add_argument("--rank", required=True, type=int, help="new rank of the linear modules")
+    p.add_argument("--conv-rank", type=int, help="new rank of 3x3 convs (default: --rank)")
+    p.add_argument("--dynamic", choices=DYNAMIC_METHODS, help="rank per module, at most --rank")
+    p.add_argument("--dynamic-param", type=float, help="sv_ratio: >= 1; others: fraction (0, 1]")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output .safetensors file")
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"), help="if undetectable")
+    p.add_argument("--verbose", action="store_true", help="report every module")
+    p.add_argument("--allow-pickle", action="store_true", help="read a pickle file (weights only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    p = sub.add_parser("extract", help="a LoRA from the difference of two checkpoints")
+    p.add_argument("--base", required=True, help="the original: folder, .safetensors, tiny:sd1")
+    p.add_argument("--tuned", required=True, help="the fine-tune of --base")
+    p.add_argument("--rank", required=True, type=int)
+    p.add_argument("--conv-rank", type=int, help="also the ResNet convs at this rank (LoCon)")
+    p.add_argument("-o", "--out", required=True, type=Path, help="output .safetensors file")
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--verbose", action="store_true", help="report every module")
+    p.add_argument("--allow-pickle", action="store_true", help="read .ckpt bases (weights only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
     p = sub.add_parser("bundle", help="a folder to publish on Civitai or the Hugging Face Hub")
@@ -214,6 +243,8 @@ COMMANDS = {
     "merge": cmd_merge,
     "inspect": cmd_inspect,
     "export": cmd_export,
+    "resize": cmd_resize,
+    "extract": cmd_extract,
     "bundle": cmd_bundle,
     "push": cmd_push,
     "check": cmd_check,

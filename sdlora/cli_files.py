@@ -1,7 +1,9 @@
-"""The file tools: `sdlora merge`, `inspect`, `export`, `bundle` and `push`. Each calls the
-library and prints."""
+"""The file tools: `sdlora merge`, `inspect`, `export`, `resize`, `extract`, `bundle` and
+`push`. Each calls the library and prints."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from sdlora.errors import SdloraError, printable
 
@@ -65,6 +67,56 @@ def cmd_export(args) -> int:
     }
     metadata.pop("modelspec.hash_sha256", None)
     save_lora(args.out, lora, family, args.format, metadata, args.dtype)
+    print(printable(str(args.out)))
+    return 0
+
+
+def check_output(out, *inputs, overwrite: bool) -> None:
+    """Refuse to replace a file unasked, or to write over an input."""
+    if out.exists() and not overwrite:
+        raise SdloraError(f"{out} already exists; pass --overwrite or choose another -o")
+    if any(Path(i).resolve() == out.resolve() for i in inputs):
+        raise SdloraError("the output file is an input file; choose another -o")
+
+
+def cmd_resize(args) -> int:
+    from sdlora.export import save_lora
+    from sdlora.resize import read_resizable, resize_lora
+
+    check_output(args.out, args.file, overwrite=args.overwrite)
+    lora = read_resizable(args.file, allow_pickle=args.allow_pickle)
+    family = args.family or lora.family
+    if family is None:
+        raise SdloraError(f"the family of {args.file} cannot be told; pass --family")
+    resized, report = resize_lora(lora, args.rank, args.conv_rank, args.dynamic,
+                                  args.dynamic_param, source=str(args.file))  # fmt: skip
+    save_lora(args.out, resized, family, lora.file_format, resized.metadata, args.dtype)
+    for line in report.lines(args.verbose):
+        print(printable(line))
+    print(printable(str(args.out)))
+    return 0
+
+
+def cmd_extract(args) -> int:
+    from sdlora.export import build_metadata, save_lora
+    from sdlora.extract import extract_lora
+    from sdlora.families import FAMILIES
+    from sdlora.models import load_base
+
+    check_output(args.out, args.base, args.tuned, overwrite=args.overwrite)
+    base = load_base(args.base, allow_pickle=args.allow_pickle)
+    tuned = load_base(args.tuned, allow_pickle=args.allow_pickle)
+    lora, report = extract_lora(base, tuned, args.rank, args.conv_rank)
+    conv = args.conv_rank is not None
+    metadata = build_metadata(
+        family=lora.family, title=args.out.stem, rank=args.rank, alpha=float(args.rank),
+        trigger_words=[], resolution=FAMILIES[lora.family].resolution, base_name=base.name,
+        algo="locon" if conv else "lora", conv_rank=args.conv_rank,
+        conv_alpha=float(args.conv_rank) if conv else None,
+    )  # fmt: skip
+    save_lora(args.out, lora, lora.family, "kohya", metadata, args.dtype)
+    for line in report.lines(args.verbose):
+        print(printable(line))
     print(printable(str(args.out)))
     return 0
 

@@ -36,6 +36,7 @@ def cmd_inspect(args) -> int:
     print(f"family:      {info['family'] or 'unknown'}{sure}")
     print(f"prediction:  {info['prediction_type']}")
     print(f"base model:  {info['base_label'] or '-'}")
+    print(f"algo:        {info['algo']}{' with DoRA' if info['dora'] else ''}")
     print(f"modules:     {modules}")
     print(f"rank/alpha:  {info['ranks']} / {info['alphas']}")
     print(printable(f"triggers:    {', '.join(info['trigger_words']) or '-'}"))

@@ -22,9 +22,6 @@ from sdlora.cli_generate import add_generate_parser, cmd_generate
 from sdlora.cli_train import cmd_caption, cmd_check, cmd_demo, cmd_init, cmd_train, cmd_ui
 from sdlora.errors import SdloraError, printable
 
-# Kept here, not imported from sdlora.resize: that module loads torch, and --help should not.
-DYNAMIC_METHODS = ("sv_ratio", "sv_cumulative", "sv_fro")
-
 # `sdlora init --family F` starts from configs/F-style.toml.
 INIT_FAMILIES = ("sd15", "sd21-768", "sdxl")
 PACKAGE = Path(__file__).resolve().parent
@@ -106,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", type=Path)
     p.add_argument("--rank", required=True, type=int, help="new rank of the linear modules")
     p.add_argument("--conv-rank", type=int, help="new rank of 3x3 convs (default: --rank)")
-    p.add_argument("--dynamic", choices=DYNAMIC_METHODS, help="rank per module, at most --rank")
+    p.add_argument(
+        "--dynamic",
+        metavar="METHOD",
+        help="sv_ratio, sv_cumulative or sv_fro: a rank per module, at most --rank",
+    )
     p.add_argument("--dynamic-param", type=float, help="sv_ratio: >= 1; others: fraction (0, 1]")
     p.add_argument("-o", "--out", required=True, type=Path, help="output .safetensors file")
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))

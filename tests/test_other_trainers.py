@@ -170,3 +170,13 @@ def test_diffusers_dora_file_applies_peft_dora_weights(tmp_path, capsys):
     assert main(["inspect", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "diffusers" and info["algo"] == "locon" and info["dora"]
+
+
+def test_inspect_names_a_plain_lora_as_lora(tmp_path, capsys):
+    path = tmp_path / "plain.safetensors"
+    save_lora(path, random_lora("sd1"), "sd1", "kohya", {}, "fp32")
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["algo"] == "lora" and info["dora"] is False
+    assert main(["inspect", str(path)]) == 0
+    assert "algo:        lora\n" in capsys.readouterr().out

@@ -144,6 +144,8 @@ def test_resize_refuses_larger_ranks_other_algos_and_existing_files(tmp_path, ca
     assert main(["resize", str(src), "--rank", "2", "-o", str(src), "--overwrite"]) == 2
     assert main(["resize", str(src), "--rank", "2", "--dynamic", "sv_fro", "-o", "x"]) == 2
     assert "--dynamic-param" in capsys.readouterr().err
+    assert main(["resize", str(src), "--rank", "2", "--dynamic", "fro", "-o", "x"]) == 2
+    assert "unknown --dynamic method 'fro'" in capsys.readouterr().err
 
 
 # ---- extract ----

@@ -4,6 +4,9 @@ Understood: kohya/Civitai files (diffusers-layout and SAI/LDM UNet names; `lora_
 `lora_te1_`, `lora_te2_`), diffusers/peft files (`unet.`/`text_encoder.`/`text_encoder_2.`
 with `lora_A`/`lora_B`, and the older `lora.down`/`lora_linear_layer`/attention-processor
 forms). Files that are something else get a message saying what they are.
+
+Other trainers' forms: LyCORIS's own `lycoris_` names (SimpleTuner's files: the UNet by diffusers
+paths, see `sdlora.naming`), and the `lora_magnitude_vector` of peft/diffusers DoRA files.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from sdlora.algos import ALGOS, DORA_FILE_TENSORS
+from sdlora.algos import ALGOS, DORA_FILE_TENSORS, UNET_CONVS
 from sdlora.errors import SdloraError
 from sdlora.lora import Lora, LoraModule
-from sdlora.naming import split_kohya_name
+from sdlora.naming import PREFIX_COMPONENTS, split_kohya_name
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LYCORIS_MARKERS = {
@@ -232,7 +235,7 @@ def lora_from_state_dict(tensors: dict, metadata: dict[str, str], source: str = 
         raise SdloraError(
             f"{source} is a {found[0]} file; sdlora reads LoRA, LoCon and DoRA files only"
         )
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys):
+    if any(k.startswith(tuple(p + "_" for p in PREFIX_COMPONENTS)) for k in keys):
         return _from_kohya(tensors, metadata, source)
     if any(k.endswith(suffix) for k in keys for suffix in DIFFUSERS_SUFFIXES if suffix != ".alpha"):
         return _from_diffusers(tensors, metadata, source)
@@ -413,6 +416,8 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> dict:
         "family_ambiguous": detection.ambiguous,
         "prediction_type": prediction,
         "base_label": lora.metadata.get(LABEL_KEY, ""),
+        "algo": adapter_algo(lora),
+        "dora": any(m.dora for _, _, m in lora.modules()),
         "ranks": sorted({m.rank for _, _, m in lora.modules()}),
         "alphas": _alphas(lora),
         "non_finite_modules": nonfinite_modules(lora),
@@ -427,6 +432,20 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> dict:
         },
         "metadata": lora.metadata,
     }
+
+
+def adapter_algo(lora: Lora) -> str:
+    """`loha` or `lokr` by their tensors, `locon` when convolutions are adapted (the ResNet and
+    resampler convs, or any wider than 1x1), else `lora`."""
+    roles = {role for _, _, m in lora.modules() for role in m.extra}
+    for algo, prefix in (("loha", "hada_"), ("lokr", "lokr_")):
+        if any(role.startswith(prefix) for role in roles):
+            return algo
+    for _, path, m in lora.modules():
+        wide = m.down.dim() == 4 and tuple(m.down.shape[2:]) != (1, 1)
+        if wide or path.rsplit(".", 1)[-1] in UNET_CONVS:
+            return "locon"
+    return "lora"
 
 
 def _alphas(lora: Lora) -> list:

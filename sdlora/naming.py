@@ -21,6 +21,9 @@ PREFIX_COMPONENTS = {
     "lora_te1": "text_encoder",
     "lora_te2": "text_encoder_2",
     "lora_te": "text_encoder",
+    # LyCORIS's own wrapper (`create_lycoris`, as SimpleTuner trains and saves with it) names
+    # the modules of the one model it wraps, the UNet, by their diffusers paths.
+    "lycoris": "unet",
 }
 
 # Words of module paths that contain an underscore, longest first.

@@ -11,10 +11,11 @@ from safetensors import safe_open
 from sdlora import load_config, train
 from sdlora.algos import adapted_weight
 from sdlora.errors import SdloraError
-from sdlora.generate import Generator, LoraSpec
+from sdlora.generate import Generator
 from sdlora.lora import lora_layers
 from sdlora.lorafile import inspect_lora, read_lora
 from sdlora.models import load_base
+from sdlora.prompts import LoraSpec
 
 ALGOS = {
     "locon": ["lora.algo=locon", "lora.conv_rank=2", "lora.conv_alpha=1"],

@@ -79,7 +79,7 @@ def lokr_delta(t: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
     rank = lokr_rank(t)
-    return torch.kron(w1, w2) * (1.0 if rank is None else alpha / rank)
+    return torch.kron(w1.contiguous(), w2.contiguous()) * (1.0 if rank is None else alpha / rank)
 
 
 def lokr_rank(t: dict[str, torch.Tensor]) -> int | None:

@@ -290,14 +290,19 @@ def _diffusers_path(name: str) -> tuple[str, str]:
 
 def _assemble(parts: dict, configs: dict, metadata: dict, source: str, file_format: str) -> Lora:
     lora = Lora(metadata=dict(metadata), file_format=file_format)
-    if len({"dora_scale" in roles for roles in parts.values()}) > 1:
-        raise SdloraError(
-            f"{source} has DoRA scales on some modules only; sdlora applies DoRA to all or none"
-        )
     algos = {_module_algo(roles) for roles in parts.values()}
     if len(algos) > 1:
         titles = " and ".join(sorted(ALGOS[a].title for a in algos))
         raise SdloraError(f"{source} mixes {titles} modules; sdlora applies files of one algo")
+    if algos != {"lora"} and any("dora_scale" in roles for roles in parts.values()):
+        title = ALGOS[algos.pop()].title
+        raise SdloraError(
+            f"{source} is {title} with DoRA, which sdlora cannot apply (DoRA on LoRA/LoCon only)"
+        )
+    if len({"dora_scale" in roles for roles in parts.values()}) > 1:
+        raise SdloraError(
+            f"{source} has DoRA scales on some modules only; sdlora applies DoRA to all or none"
+        )
     for (component, path), roles in parts.items():
         algo = _module_algo(roles)
         if algo != "lora":
@@ -334,10 +339,6 @@ def _lycoris_module(roles: dict, algo: str, where: str) -> LoraModule:
     """A LoHa or LoKr module from its tensors, refused unless they form ΔW (checked on shapes
     alone, on torch's meta device)."""
     title = ALGOS[algo].title
-    if "dora_scale" in roles:
-        raise SdloraError(
-            f"{where} is {title} with DoRA, which sdlora cannot apply (DoRA on LoRA/LoCon only)"
-        )
     tensors = {role: t for role, t in roles.items() if role != "alpha"}
     missing = [r for r in ALGOS[algo].required if r not in tensors]
     if algo == "lokr":

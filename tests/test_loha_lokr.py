@@ -251,3 +251,21 @@ def test_init_from_a_loha_file_continues_from_it(style_dir, tmp_path):
     with pytest.raises(SdloraError, match="is a LoHa file; set lora.algo to match"):
         plain = tiny_overrides(style_dir, tmp_path / "c", steps=1) + ALGOS["lokr"]
         train(load_config(None, plain + [f"lora.init_from={first.lora_path}"]), progress=False)
+
+
+def test_merge_writes_the_reference_weights(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from sdlora.merge import merge
+
+    path = _foreign_file(tmp_path / "lokr.safetensors", "lokr")
+    merge("tiny:sd1", [LoraSpec(path)], tmp_path / "merged", dtype="fp32")
+    merged = dict(
+        UNet2DConditionModel.from_pretrained(tmp_path / "merged" / "unet").named_parameters()
+    )
+    base = dict(load_base("tiny:sd1").unet.named_parameters())
+    for module_path, module in read_lora(path).components["unet"].items():
+        weight = base[module_path + ".weight"].detach()
+        expected = weight + _reference_delta(module.tensors(), module.alpha, weight.shape)
+        assert (merged[module_path + ".weight"] - expected).abs().max() <= 1e-5
+        assert (merged[module_path + ".weight"] - weight).abs().max() > 1e-3

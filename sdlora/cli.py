@@ -388,6 +388,7 @@ def cmd_inspect(args) -> int:
     print(f"prediction:  {info['prediction_type']}")
     print(f"base model:  {info['base_label'] or '-'}")
     print(f"modules:     {modules}")
+    print(f"algo:        {info['algo']}")
     print(f"rank/alpha:  {info['ranks']} / {info['alphas']}")
     print(printable(f"triggers:    {', '.join(info['trigger_words']) or '-'}"))
     print(f"AutoV2:      {info['hashes']['autov2']}   AutoV3: {info['hashes']['autov3']}")

@@ -15,6 +15,7 @@ from sdlora import load_config, train
 from sdlora.errors import SdloraError
 from sdlora.export import save_lora
 from sdlora.generate import Generator, LoraSpec
+from sdlora.guard import check_compatible
 from sdlora.lorafile import inspect_lora, read_lora
 from sdlora.models import load_base
 from sdlora.naming import kohya_name
@@ -224,6 +225,15 @@ def test_refused_what_cannot_be_applied(style_dir, tmp_path):
         read_lora(tmp_path / "mixed.safetensors")
     with pytest.raises(SdloraError, match="kohya/LyCORIS layout only"):
         save_lora(tmp_path / "d.safetensors", read_lora(path), "sd1", "diffusers")
+    # Tensors that fit each other but not the base's conv [32, 32, 3, 3]: the guard says so.
+    narrow = {
+        **tensors,
+        f"{name}.hada_w1_b": torch.zeros(2, 16),
+        f"{name}.hada_w2_b": torch.zeros(2, 16),
+    }
+    safetensors.torch.save_file(narrow, tmp_path / "narrow.safetensors")
+    with pytest.raises(SdloraError, match=r"differ in shape.*conv1 \(LoRA \[32, 16, 3, 3\]"):
+        check_compatible(load_base("tiny:sd1"), read_lora(tmp_path / "narrow.safetensors"))
 
 
 def test_config_refuses_what_loha_and_lokr_cannot_do(style_dir, tmp_path):

@@ -195,7 +195,9 @@ def file_hashes(path: Path) -> dict[str, str]:
 
 def civitai_fields(kohya: Path, lora, card: dict) -> dict:
     """Civitai's upload form as JSON: model type, version, file and images."""
-    conv = any(m.down.dim() == 4 and m.down.shape[-1] > 1 for _, _, m in lora.modules())
+    # Civitai files LyCORIS algos (LoHa, LoKr) under LoCon too.
+    modules = [m for _, _, m in lora.modules()]
+    conv = any(m.algo != "lora" or (m.down.dim() == 4 and m.down.shape[-1] > 1) for m in modules)
     return {
         "name": card["name"],
         "type": "LoCon" if conv else "LORA",

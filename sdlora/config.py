@@ -207,13 +207,21 @@ class LoraConfig:
     init_from: str | None = None
     """Start from this LoRA file (same rank and targets) instead of a fresh initialisation."""
     algo: str = "lora"
-    """`lora`, or `locon`: also the UNet's ResNet and resampler convolutions (LyCORIS's LoCon)."""
+    """`lora`; `locon`: also the UNet's ResNet and resampler convolutions (LyCORIS's LoCon);
+    `loha` (Hadamard product of two low-rank updates) or `lokr` (Kronecker product), on the
+    same modules as `locon`."""
     conv_rank: int | None = None
-    """Rank of the convolutions' update (`locon` only; unset: `rank`)."""
+    """Rank of the convolutions' update (`locon`, `loha`, `lokr`; unset: `rank`)."""
     conv_alpha: float | None = None
-    """Alpha of the convolutions' update (`locon` only; unset: `conv_rank`)."""
+    """Alpha of the convolutions' update (`locon`, `loha`, `lokr`; unset: `conv_rank`)."""
     dora: bool = False
-    """DoRA: also learn each adapted weight's magnitude per output channel."""
+    """DoRA: also learn each adapted weight's magnitude per output channel (`lora`, `locon`)."""
+    lokr_factor: int | None = None
+    """`lokr`: split each dimension into a factor near this and the rest (LyCORIS's `factor`;
+    unset: -1, as evenly as possible)."""
+    lokr_decompose_both: bool | None = None
+    """`lokr`: make the smaller Kronecker factor low-rank too (LyCORIS's `decompose_both`;
+    unset: false)."""
 
     def __post_init__(self):
         _check_positive("lora.rank", self.rank)
@@ -224,6 +232,12 @@ class LoraConfig:
         _check_choice("lora.algo", self.algo, tuple(ALGOS))
         if not isinstance(self.dora, bool):
             raise SdloraError(f"lora.dora must be true or false, got {self.dora!r}")
+        if self.dora and ALGOS[self.algo].module != "lora":
+            raise SdloraError(
+                f'lora.dora applies to lora.algo = "lora" or "locon", not "{self.algo}" '
+                "(peft trains DoRA on LoRA layers only); drop lora.dora or change lora.algo"
+            )
+        self._check_lokr()
         if not ALGOS[self.algo].convs:
             for key in ("conv_rank", "conv_alpha"):
                 if getattr(self, key) is not None:
@@ -238,6 +252,28 @@ class LoraConfig:
         if self.conv_alpha is None:
             object.__setattr__(self, "conv_alpha", float(self.conv_rank))
         _check_positive("lora.conv_alpha", self.conv_alpha)
+
+    def _check_lokr(self) -> None:
+        """LoKr's own keys: refused for other algos, resolved to LyCORIS's defaults for it."""
+        keys = {"lokr_factor": -1, "lokr_decompose_both": False}
+        if self.algo != "lokr":
+            for key in keys:
+                if getattr(self, key) is not None:
+                    raise SdloraError(
+                        f'lora.{key} applies to lora.algo = "lokr", not "{self.algo}"; '
+                        f'set lora.algo = "lokr" or drop lora.{key}'
+                    )
+            return
+        for key, default in keys.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, default)
+        factor = self.lokr_factor
+        if type(factor) is not int or not (factor == -1 or factor > 0):
+            raise SdloraError(f"lora.lokr_factor must be -1 or a positive integer, got {factor!r}")
+        if not isinstance(self.lokr_decompose_both, bool):
+            raise SdloraError(
+                f"lora.lokr_decompose_both must be true or false, got {self.lokr_decompose_both!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 from peft import LoraConfig
 
-from sdlora.algos import DORA_FILE_TENSORS, FILE_TENSORS, network_args, network_module
+from sdlora.algos import ALGOS, DORA_FILE_TENSORS, network_args, network_module
 from sdlora.errors import SdloraError
 from sdlora.families import FAMILIES, LABEL_KEY, known_label
 from sdlora.lora import Lora, most_common
@@ -43,15 +43,10 @@ def to_kohya_state_dict(lora: Lora, family: str, dtype: str = "fp16") -> dict[st
     tensors = {}
     for component, path, module in lora.modules():
         name = kohya_name(component, path, family)
-        down, up, alpha = cast_module(module, dtype, f"{component}:{path}")
-        roles = {"down": down, "up": up, "alpha": alpha}
-        for suffix, role in FILE_TENSORS.items():
-            tensors[name + suffix] = roles[role]
-        for suffix, role in DORA_FILE_TENSORS.items():
-            if role in module.extra:
-                tensors[name + suffix] = cast_tensor(
-                    module.extra[role], dtype, f"{component}:{path}"
-                )
+        roles = cast_tensors(module, dtype, f"{component}:{path}")
+        for suffix, role in {**ALGOS[module.algo].file_tensors, **DORA_FILE_TENSORS}.items():
+            if role in roles:
+                tensors[name + suffix] = roles[role]
     return tensors
 
 
@@ -67,13 +62,21 @@ def cast_tensor(tensor: torch.Tensor, dtype: str, where: str) -> torch.Tensor:
 
 
 def cast_module(module, dtype: str, where: str) -> tuple[torch.Tensor, ...]:
-    """(down, up, alpha) of a LoRA module as written in `dtype`, refused unless every value
-    is finite after the cast: a weight past fp16's range (65504) becomes infinity there."""
+    """(down, up, alpha) of a LoRA module as written in `dtype` (see `cast_tensors`)."""
+    roles = cast_tensors(module, dtype, where)
+    return roles["down"], roles["up"], roles["alpha"]
+
+
+def cast_tensors(module, dtype: str, where: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a module by role, alpha included, as written in `dtype`, refused unless
+    every value is finite after the cast: a weight past fp16's range (65504) becomes infinity
+    there."""
     torch_dtype = DTYPES[dtype]
-    down = module.down.to(torch_dtype).contiguous()
-    up = module.up.to(torch_dtype).contiguous()
-    alpha = torch.tensor(float(module.alpha), dtype=torch_dtype)
-    for tensor, original in ((down, module.down), (up, module.up), (alpha, None)):
+    originals = module.tensors()
+    roles = {role: t.to(torch_dtype).contiguous() for role, t in originals.items()}
+    roles["alpha"] = torch.tensor(float(module.alpha), dtype=torch_dtype)
+    for role, tensor in roles.items():
+        original = originals.get(role)
         if not tensor.isfinite().all():
             was_finite = original is not None and bool(original.isfinite().all())
             raise SdloraError(
@@ -83,7 +86,7 @@ def cast_module(module, dtype: str, where: str) -> tuple[torch.Tensor, ...]:
                 + "; nothing was written. Write bf16 or fp32 (output.dtype, --dtype), or "
                 "lower train.lr and resume from the last checkpoint"
             )  # fmt: skip
-    return down, up, alpha
+    return roles
 
 
 def build_metadata(
@@ -102,6 +105,8 @@ def build_metadata(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     dora: bool = False,
+    lokr_factor: int | None = None,
+    decompose_both: bool | None = None,
 ) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` metadata sd-scripts writes, every value a string.
 
@@ -109,7 +114,8 @@ def build_metadata(
     small. `training` holds further `ss_*` fields (without the prefix): steps, lr, seed, ...
     `base_label` (e.g. `Pony`) goes into `ss_base_model_label`: `ss_base_model_version` and
     `modelspec.architecture` keep the values loaders key on, which have no room for it.
-    `algo`, `conv_rank`, `conv_alpha` and `dora` name the adapter (see `sdlora.algos`).
+    `algo`, `conv_rank`, `conv_alpha`, `dora`, `lokr_factor` and `decompose_both` name the
+    adapter (see `sdlora.algos`).
     """
     spec = FAMILIES[family]
     tags = _cap_tags(tag_frequency or {})
@@ -137,7 +143,10 @@ def build_metadata(
         "modelspec.prediction_type": "v" if spec.prediction_type == "v_prediction" else "epsilon",
         "modelspec.trigger_phrase": ", ".join(trigger_words),
     }
-    args = network_args(algo, conv_rank, conv_alpha, dora)
+    args = network_args(
+        algo, conv_rank, conv_alpha, dora, -1 if lokr_factor is None else lokr_factor,
+        bool(decompose_both),
+    )  # fmt: skip
     if args:
         meta["ss_network_args"] = json.dumps(args)
     if base_label:
@@ -264,6 +273,12 @@ def to_diffusers_state_dict(
     configs: dict[str, object] = {}
     for component in sorted(lora.components):
         modules = lora.components[component]
+        other = next((m.algo for m in modules.values() if m.algo != "lora"), None)
+        if other:
+            raise SdloraError(
+                f"a {ALGOS[other].title} LoRA is written in the kohya/LyCORIS layout only "
+                "(diffusers loads that layout for LoRA/LoCon alone); write it as kohya"
+            )
         for path, module in modules.items():
             down, up, _ = cast_module(module, dtype, f"{component}:{path}")
             tensors[f"{component}.{path}.lora_A.weight"] = down

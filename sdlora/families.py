@@ -165,7 +165,7 @@ def detect_lora_family(lora) -> Detection:
         evidence.append("has a second text encoder")
     for path, module in unet.items():
         if re.search(r"attn2\.to_[kv]$", path):
-            width = module.down.shape[1]
+            width = module.shape[1]
             family = CROSS_ATTENTION_WIDTHS.get(width)
             evidence.append(f"cross-attention input width {width}")
             structural = structural or family
@@ -180,9 +180,9 @@ def detect_lora_family(lora) -> Detection:
     te = lora.components.get("text_encoder", {})
     if structural is None and te:
         q = next((m for p, m in te.items() if p.endswith("q_proj")), None)
-        if q is not None and q.down.shape[1] in TEXT_ENCODER_WIDTHS:
-            structural = TEXT_ENCODER_WIDTHS[q.down.shape[1]]
-            evidence.append(f"text-encoder width {q.down.shape[1]}")
+        if q is not None and q.shape[1] in TEXT_ENCODER_WIDTHS:
+            structural = TEXT_ENCODER_WIDTHS[q.shape[1]]
+            evidence.append(f"text-encoder width {q.shape[1]}")
     from_meta = family_from_metadata(lora.metadata)
     if structural is None:
         if from_meta:

@@ -8,6 +8,7 @@ and where a file's family rests on metadata alone.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -69,10 +70,10 @@ def check_compatible(base, lora: Lora, lora_name: str = "this LoRA") -> list[str
         if weight is None:
             missing.append(f"{component}:{path}")
             continue
-        expected = (module.up.shape[0], *module.down.shape[1:])
+        expected = module.shape
         actual = tuple(weight.shape)
-        if weight.dim() == 4 and module.down.dim() == 2:
-            actual = actual[:2]
+        if weight.dim() == 4 and len(expected) == 2:  # a linear-shaped or flat conv update
+            actual = (actual[0], math.prod(actual[1:]))
         if tuple(expected) != actual:
             mismatched.append(f"{component}:{path} (LoRA {list(expected)}, base {list(actual)})")
     if missing:

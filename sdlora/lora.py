@@ -1,8 +1,8 @@
 """LoRA adapters: which modules to target, injecting them with peft, and reading them back.
 
 `rank` and `alpha` are this project's words (sd-scripts' `network_dim` / `network_alpha`); they
-map to peft's `r` / `lora_alpha` here and nowhere else. The update of a module is
-ΔW = (alpha / rank) · up @ down.
+map to peft's `r` / `lora_alpha` (LoHa/LoKr: `alpha`) here and nowhere else. The update of a
+LoRA module is ΔW = (alpha / rank) · up @ down; LoHa's and LoKr's are in `sdlora.algos`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 from peft import LoraConfig
+from peft.tuners.loha import LoHaLayer
+from peft.tuners.lokr import LoKrLayer
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
-from sdlora.algos import DORA_PEFT_TENSORS, PEFT_TENSORS, UNET_CONVS, low_rank_delta
+from sdlora.algos import ALGOS, DORA_PEFT_TENSORS, UNET_CONVS
+
+# peft's layer class of each module algo (see `sdlora.algos`).
+LAYER_ALGOS = ((LoraLayer, "lora"), (LoHaLayer, "loha"), (LoKrLayer, "lokr"))
 
 ADAPTER = "default"
 
@@ -35,29 +41,51 @@ UNET_TARGET_PRESETS = {
 
 @dataclass
 class LoraModule:
-    """One adapted module: ΔW = (alpha / rank) · up @ down, and any further tensors of its
-    algo (see `sdlora.algos`)."""
+    """One adapted module: for LoRA ΔW = (alpha / rank) · up @ down; for LoHa and LoKr (`algo`)
+    the tensors in `extra` and the ΔW of `sdlora.algos`."""
 
-    down: torch.Tensor
-    """[rank, in] (conv: [rank, in, k, k])."""
-    up: torch.Tensor
-    """[out, rank] (conv: [out, rank, 1, 1])."""
+    down: torch.Tensor | None
+    """[rank, in] (conv: [rank, in, k, k]); None for LoHa and LoKr."""
+    up: torch.Tensor | None
+    """[out, rank] (conv: [out, rank, 1, 1]); None for LoHa and LoKr."""
     alpha: float
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Further tensors by role: `dora_scale` [out, 1] (conv: [out, 1, 1, 1]) for DoRA."""
+    """Further tensors by role: `dora_scale` [out, 1] (conv: [out, 1, 1, 1]) for DoRA; LoHa's
+    and LoKr's tensors by their LyCORIS names."""
+    algo: str = "lora"
+    """`lora` (LoCon's modules too), `loha` or `lokr`."""
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the module by role (alpha aside)."""
+        own = {"down": self.down, "up": self.up} if self.algo == "lora" else {}
+        return {**own, **self.extra}
 
     @property
-    def rank(self) -> int:
-        return self.down.shape[0]
+    def rank(self) -> int | None:
+        """The rank alpha divides by; None for a LoKr module of two whole factors."""
+        return ALGOS[self.algo].rank(self.tensors())
+
+    @property
+    def scale(self) -> float:
+        """The factor loaders multiply the update by: alpha / rank (1 without a rank)."""
+        rank = self.rank
+        return 1.0 if rank is None else self.alpha / rank
 
     @property
     def dora(self) -> bool:
         return "dora_scale" in self.extra
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The shape of `delta()`, worked out without computing it (a conv's may be flat)."""
+        meta = {role: t.to("meta") for role, t in self.tensors().items()}
+        return tuple(ALGOS[self.algo].delta(meta, self.alpha).shape)
+
     def delta(self) -> torch.Tensor:
-        """The low-rank update, in float32, shaped like the module's weight (DoRA rescales
-        the base weight plus this: `sdlora.algos.adapted_weight`)."""
-        return low_rank_delta(self.down, self.up, self.alpha)
+        """The update in float32: shaped like the module's weight, or flat [out, in·k·k] for
+        a conv of LoHa/LoKr without Tucker factors (DoRA rescales the base weight plus this:
+        `sdlora.algos.adapted_weight`)."""
+        return ALGOS[self.algo].delta(self.tensors(), self.alpha)
 
 
 @dataclass
@@ -89,13 +117,20 @@ def inject_lora(
     conv_rank: int | None = None,
     conv_alpha: float | None = None,
     dora: bool = False,
+    algo: str = "lora",
+    lokr_factor: int = -1,
+    decompose_both: bool = False,
 ) -> int:
-    """Add trainable LoRA layers to `model`'s `targets` in place; freeze everything else.
+    """Add trainable adapter layers of `algo` (see `sdlora.algos`) to `model`'s `targets` in
+    place; freeze everything else.
 
-    With `conv_rank` (LoCon) the UNet's convolutions (`sdlora.algos.UNET_CONVS`) are adapted
-    too, at that rank and `conv_alpha`; with `dora`, each layer also learns DoRA's magnitude.
-    The down matrices start random and the up matrices at zero, so the model's output is
-    unchanged until the first step. Returns the number of trainable parameters.
+    With `conv_rank` the UNet's convolutions (`sdlora.algos.UNET_CONVS`) are adapted too, at
+    that rank and `conv_alpha`; with `dora`, each layer also learns DoRA's magnitude. LoKr
+    splits each dimension by `lokr_factor` (-1: as evenly as possible) and with
+    `decompose_both` also makes its smaller factor low-rank (LyCORIS's `factor` and
+    `decompose_both`). One factor of each update starts at zero (LoRA's up, LoHa's w2_a,
+    LoKr's w1), so the model's output is unchanged until the first step. Returns the number of
+    trainable parameters.
     """
     options = {}
     if conv_rank is not None:
@@ -104,9 +139,9 @@ def inject_lora(
         options["alpha_pattern"] = {_exact(c): conv_alpha for c in UNET_CONVS}
     if dora:
         options["use_dora"] = True
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True, **options
-    )
+    if algo == "lokr":
+        options.update(decompose_factor=lokr_factor, decompose_both=decompose_both)
+    config = _peft_config(algo, rank, alpha, list(targets), **options)
     model.requires_grad_(False)
     model.add_adapter(config, adapter_name=ADAPTER)
     for layer in lora_layers(model).values():
@@ -115,17 +150,46 @@ def inject_lora(
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _adapter_parameters(layer: LoraLayer, adapter: str) -> list[torch.nn.Parameter]:
+def _peft_config(algo: str, rank: int, alpha: float, targets: list[str], **options):
+    """The peft config of `algo` (peft names alpha `lora_alpha` for LoRA, `alpha` otherwise)."""
+    if ALGOS[algo].module == "lora":
+        return LoraConfig(
+            r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True, **options
+        )
+    return ALGOS[algo].peft_config(
+        r=rank, alpha=alpha, target_modules=targets, init_weights=True, **options
+    )
+
+
+def layer_algo(layer: BaseTunerLayer) -> str:
+    """The module algo (`lora`, `loha`, `lokr`) of a peft layer."""
+    return next(algo for cls, algo in LAYER_ALGOS if isinstance(layer, cls))
+
+
+def _peft_holders(layer: BaseTunerLayer) -> dict[str, str]:
+    """role -> the peft attribute holding it, for `layer`'s algo."""
+    algo = layer_algo(layer)
+    holders = dict(ALGOS[algo].peft_tensors)
+    return {**holders, **DORA_PEFT_TENSORS} if algo == "lora" else holders
+
+
+def _adapter_parameters(layer: BaseTunerLayer, adapter: str) -> list[torch.nn.Parameter]:
     """The parameters of `adapter` in `layer`: each algo tensor's peft module (see algos)."""
-    attributes = [*PEFT_TENSORS.values(), *DORA_PEFT_TENSORS.values()]
-    holders = [getattr(layer, a) for a in attributes]
-    return [p for holder in holders if adapter in holder for p in holder[adapter].parameters()]
+    holders = [getattr(layer, a) for a in _peft_holders(layer).values()]
+    found = [holder[adapter] for holder in holders if adapter in holder]
+    return [
+        p for f in found for p in ([f] if isinstance(f, torch.nn.Parameter) else f.parameters())
+    ]
 
 
-def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
-    """peft LoRA layers of `model` that hold at least one adapter, by module path."""
+def lora_layers(model: torch.nn.Module) -> dict[str, BaseTunerLayer]:
+    """peft adapter layers (LoRA, LoHa, LoKr) of `model` that hold at least one adapter, by
+    module path."""
     return {
-        name: m for name, m in model.named_modules() if isinstance(m, LoraLayer) and len(m.lora_A)
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, tuple(cls for cls, _ in LAYER_ALGOS))
+        and any(len(getattr(m, a)) for a in _peft_holders(m).values())
     }
 
 
@@ -137,6 +201,10 @@ def extract_lora(model: torch.nn.Module) -> dict[str, LoraModule]:
     """
     out = {}
     for name, layer in lora_layers(model).items():
+        if layer_algo(layer) != "lora":
+            if ADAPTER in layer._available_adapters:
+                out[name.removeprefix("text_model.")] = _extract_lycoris(layer)
+            continue
         if ADAPTER not in layer.lora_A:
             continue
         up = layer.lora_B[ADAPTER].weight.detach().float().cpu().clone()
@@ -153,6 +221,23 @@ def extract_lora(model: torch.nn.Module) -> dict[str, LoraModule]:
     return out
 
 
+def _extract_lycoris(layer: BaseTunerLayer) -> LoraModule:
+    """A LoHa or LoKr layer's module; a LoKr of two whole factors gets its scale baked into
+    `lokr_w1`, since loaders apply none to it (see `sdlora.algos`)."""
+    algo = layer_algo(layer)
+    tensors = {
+        role: getattr(layer, attr)[ADAPTER].detach().float().cpu().clone()
+        for role, attr in ALGOS[algo].peft_tensors.items()
+        if ADAPTER in getattr(layer, attr)
+    }
+    alpha, rank = float(layer.alpha[ADAPTER]), layer.r[ADAPTER]
+    module = LoraModule(None, None, alpha, tensors, algo)
+    if module.rank is None:
+        tensors["lokr_w1"] *= alpha / rank
+        module.alpha = float(rank)  # what LyCORIS writes for such a module
+    return module
+
+
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The trainable LoRA parameters of `model`."""
     return [p for p in model.parameters() if p.requires_grad]
@@ -165,6 +250,12 @@ def add_lora(model: torch.nn.Module, modules: dict[str, LoraModule], adapter: st
     """
     names = {name for name, _ in model.named_modules()}
     resolved = {resolve_path(names, path): module for path, module in modules.items()}
+    algos = {m.algo for m in resolved.values()}
+    if len(algos) > 1:
+        raise ValueError("a LoRA of several algos")  # refused when read
+    if algos != {"lora"}:
+        _add_lycoris(model, resolved, algos.pop(), adapter)
+        return
     rank = most_common([m.rank for m in resolved.values()])
     alpha = most_common([m.alpha for m in resolved.values()])
     dora = {m.dora for m in resolved.values()}
@@ -196,6 +287,59 @@ def add_lora(model: torch.nn.Module, modules: dict[str, LoraModule], adapter: st
                 magnitude.copy_(module.extra["dora_scale"].reshape(magnitude.shape))
             for param in _adapter_parameters(layer, adapter):
                 param.requires_grad_(False)
+
+
+def _add_lycoris(model: torch.nn.Module, resolved: dict, algo: str, adapter: str) -> None:
+    """Attach LoHa or LoKr modules (by resolved path) as a frozen peft adapter.
+
+    peft builds each layer's tensors from one rank and factor; a file's may differ per module
+    (LoKr's factor, whole or split factors, Tucker cores), so the file's own tensors replace
+    them, and the layer's scale becomes the module's (peft's `set_scale` multiplies
+    `alpha / r` by the LoRA's weight: alpha = the scale, r = 1).
+    """
+    config = _peft_config(algo, 1, 1.0, sorted(resolved))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        model.add_adapter(config, adapter_name=adapter)
+    layers = lora_layers(model)
+    for path, module in resolved.items():
+        layer = layers[path]
+        for attr in ALGOS[algo].peft_tensors.values():
+            if adapter in getattr(layer, attr):
+                del getattr(layer, attr)[adapter]
+        device = layer.get_base_layer().weight.device
+        for role, tensor in module.tensors().items():
+            holder = getattr(layer, ALGOS[algo].peft_tensors[role])
+            holder[adapter] = torch.nn.Parameter(tensor.to(device).clone(), requires_grad=False)
+        layer.r[adapter], layer.alpha[adapter] = 1, module.scale
+        layer.scaling[adapter] = module.scale
+
+
+def copy_lycoris(layer: BaseTunerLayer, module: LoraModule, source: str) -> None:
+    """Load a LoHa/LoKr module read from a file into a freshly injected trainable layer,
+    its update unchanged (the file's scale may differ from the layer's)."""
+    from sdlora.errors import SdloraError
+
+    algo = layer_algo(layer)
+    if module.algo != algo:
+        title = ALGOS[module.algo].title
+        raise SdloraError(f"{source} is a {title} file; set lora.algo to match")
+    holders = ALGOS[algo].peft_tensors
+    targets = {
+        r: getattr(layer, a)[ADAPTER] for r, a in holders.items() if ADAPTER in getattr(layer, a)
+    }
+    ours = {role: tuple(t.shape) for role, t in targets.items()}
+    theirs = {role: tuple(t.shape) for role, t in module.tensors().items()}
+    if ours != theirs:
+        raise SdloraError(
+            f"{source} has other {ALGOS[algo].title} tensors than this run trains ({theirs} "
+            f"against {ours}); set lora.rank, lora.conv_rank and the LoKr keys to match it"
+        )
+    ratio = module.scale / layer.scaling[ADAPTER]
+    with torch.no_grad():
+        for i, (role, param) in enumerate(targets.items()):
+            # One factor carries the ratio of scales: each update is linear in it.
+            param.copy_(module.tensors()[role] * (ratio if i == 0 else 1.0))
 
 
 def random_lora(base, rank: int, alpha: float, std: float, seed: int = 0) -> Lora:

@@ -1,9 +1,10 @@
 """Reading LoRA files, ours or anyone's, into the canonical form (`sdlora.lora.Lora`).
 
-Understood: kohya/Civitai files (diffusers-layout and SAI/LDM UNet names; `lora_te_`,
-`lora_te1_`, `lora_te2_`), diffusers/peft files (`unet.`/`text_encoder.`/`text_encoder_2.`
-with `lora_A`/`lora_B`, and the older `lora.down`/`lora_linear_layer`/attention-processor
-forms). Files that are something else get a message saying what they are.
+Understood: kohya/Civitai files of LoRA, LoCon, LoHa, LoKr and DoRA (diffusers-layout and
+SAI/LDM UNet names; `lora_te_`, `lora_te1_`, `lora_te2_`), diffusers/peft files (`unet.`/
+`text_encoder.`/`text_encoder_2.` with `lora_A`/`lora_B`, and the older `lora.down`/
+`lora_linear_layer`/attention-processor forms). Files that are something else get a message
+saying what they are.
 
 Other trainers' forms: LyCORIS's own `lycoris_` names (SimpleTuner's files: the UNet by diffusers
 paths, see `sdlora.naming`), and the `lora_magnitude_vector` of peft/diffusers DoRA files.
@@ -29,8 +30,6 @@ from sdlora.naming import PREFIX_COMPONENTS, split_kohya_name
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 LYCORIS_MARKERS = {
-    "hada_w1": "LoHa (LyCORIS)",
-    "lokr_w1": "LoKr (LyCORIS)",
     "oft_blocks": "OFT (LyCORIS)",
     "oft_diag": "OFT (LyCORIS)",
     "on_input": "IA3 (LyCORIS)",
@@ -208,7 +207,7 @@ def nonfinite_modules(lora: Lora, first_only: bool = False) -> list[str]:
     """`component:path` of the modules whose matrices or alpha hold NaN or infinity."""
     bad = []
     for component, path, m in lora.modules():
-        tensors = (m.down, m.up, *m.extra.values())
+        tensors = m.tensors().values()
         if not (math.isfinite(m.alpha) and all(bool(t.isfinite().all()) for t in tensors)):
             bad.append(f"{component}:{path}")
             if first_only:
@@ -233,7 +232,8 @@ def lora_from_state_dict(tensors: dict, metadata: dict[str, str], source: str = 
     found += [kind for end, kind in LYCORIS_ENDINGS.items() if any(k.endswith(end) for k in keys)]
     if found:
         raise SdloraError(
-            f"{source} is a {found[0]} file; sdlora reads LoRA, LoCon and DoRA files only"
+            f"{source} is a {found[0]} file; sdlora reads LoRA, LoCon, LoHa, LoKr and DoRA "
+            "files only"
         )
     if any(k.startswith(tuple(p + "_" for p in PREFIX_COMPONENTS)) for k in keys):
         return _from_kohya(tensors, metadata, source)
@@ -293,11 +293,26 @@ def _diffusers_path(name: str) -> tuple[str, str]:
 
 def _assemble(parts: dict, configs: dict, metadata: dict, source: str, file_format: str) -> Lora:
     lora = Lora(metadata=dict(metadata), file_format=file_format)
+    algos = {_module_algo(roles) for roles in parts.values()}
+    if len(algos) > 1:
+        titles = " and ".join(sorted(ALGOS[a].title for a in algos))
+        raise SdloraError(f"{source} mixes {titles} modules; sdlora applies files of one algo")
+    if algos != {"lora"} and any("dora_scale" in roles for roles in parts.values()):
+        title = ALGOS[algos.pop()].title
+        raise SdloraError(
+            f"{source} is {title} with DoRA, which sdlora cannot apply (DoRA on LoRA/LoCon only)"
+        )
     if len({"dora_scale" in roles for roles in parts.values()}) > 1:
         raise SdloraError(
             f"{source} has DoRA scales on some modules only; sdlora applies DoRA to all or none"
         )
     for (component, path), roles in parts.items():
+        algo = _module_algo(roles)
+        if algo != "lora":
+            where = f"{source}: module {component}:{path}"
+            module = _lycoris_module(roles, algo, where)
+            lora.components.setdefault(component, {})[path] = module
+            continue
         if "down" not in roles or "up" not in roles:
             missing = "down" if "down" not in roles else "up"
             raise SdloraError(f"{source}: module {path} of {component} has no {missing} matrix")
@@ -313,6 +328,44 @@ def _assemble(parts: dict, configs: dict, metadata: dict, source: str, file_form
             extra["dora_scale"] = _dora_scale(roles["dora_scale"], up, where, file_format)
         lora.components.setdefault(component, {})[path] = LoraModule(down, up, alpha, extra)
     return lora
+
+
+def _module_algo(roles: dict) -> str:
+    """The module algo its tensors' roles name: LoHa's `hada_*`, LoKr's `lokr_*`, else LoRA."""
+    for algo in ("loha", "lokr"):
+        if any(role in ALGOS[algo].peft_tensors for role in roles):
+            return algo
+    return "lora"
+
+
+def _lycoris_module(roles: dict, algo: str, where: str) -> LoraModule:
+    """A LoHa or LoKr module from its tensors, refused unless they form ΔW (checked on shapes
+    alone, on torch's meta device)."""
+    title = ALGOS[algo].title
+    tensors = {role: t for role, t in roles.items() if role != "alpha"}
+    missing = [r for r in ALGOS[algo].required if r not in tensors]
+    if algo == "lokr":
+        for w in ("lokr_w1", "lokr_w2"):
+            if w not in tensors and not {w + "_a", w + "_b"} <= set(tensors):
+                missing.append(f"{w} (or {w}_a and {w}_b)")
+    if missing:
+        raise SdloraError(f"{where} is {title} without {', '.join(missing)}")
+    if not all(t.is_floating_point() for t in tensors.values()):
+        raise SdloraError(f"{where} holds {title} tensors that are not floating point")
+    alpha = roles.get("alpha")
+    if alpha is not None and (alpha.numel() != 1 or alpha.is_complex()):
+        raise SdloraError(f"{where}: alpha has shape {list(alpha.shape)}; a number is expected")
+    module = LoraModule(None, None, 1.0, tensors, algo)
+    try:
+        shape = module.shape
+    except (RuntimeError, IndexError, ValueError):
+        shapes = ", ".join(f"{r} {list(t.shape)}" for r, t in tensors.items())
+        raise SdloraError(f"{where}: its {title} tensors do not fit together ({shapes})") from None
+    if len(shape) not in (2, 4) or 0 in shape:
+        raise SdloraError(f"{where}: its {title} update has no layer's shape ({list(shape)})")
+    # Without alpha the update is unscaled (LyCORIS takes alpha = rank then).
+    module.alpha = float(alpha.item()) if alpha is not None else float(module.rank or 1)
+    return module
 
 
 def _check_shapes(down, up, alpha, where: str) -> None:
@@ -418,7 +471,7 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> dict:
         "base_label": lora.metadata.get(LABEL_KEY, ""),
         "algo": adapter_algo(lora),
         "dora": any(m.dora for _, _, m in lora.modules()),
-        "ranks": sorted({m.rank for _, _, m in lora.modules()}),
+        "ranks": sorted({m.rank for _, _, m in lora.modules()} - {None}),
         "alphas": _alphas(lora),
         "non_finite_modules": nonfinite_modules(lora),
         "modules": {c: lora.count(c) for c in ("unet", "text_encoder", "text_encoder_2")},
@@ -435,13 +488,13 @@ def inspect_lora(path: str | Path, allow_pickle: bool = False) -> dict:
 
 
 def adapter_algo(lora: Lora) -> str:
-    """`loha` or `lokr` by their tensors, `locon` when convolutions are adapted (the ResNet and
-    resampler convs, or any wider than 1x1), else `lora`."""
-    roles = {role for _, _, m in lora.modules() for role in m.extra}
-    for algo, prefix in (("loha", "hada_"), ("lokr", "lokr_")):
-        if any(role.startswith(prefix) for role in roles):
-            return algo
-    for _, path, m in lora.modules():
+    """`loha` or `lokr` by their modules, `locon` when convolutions are adapted (the ResNet and
+    resampler convs, or any wider than 1x1), else `lora`. DoRA is a flag beside it."""
+    modules = list(lora.modules())
+    algo = next((m.algo for _, _, m in modules if m.algo != "lora"), "lora")
+    if algo != "lora":
+        return algo
+    for _, path, m in modules:
         wide = m.down.dim() == 4 and tuple(m.down.shape[2:]) != (1, 1)
         if wide or path.rsplit(".", 1)[-1] in UNET_CONVS:
             return "locon"

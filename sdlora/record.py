@@ -92,6 +92,8 @@ class RunRecord:
             conv_rank=c.lora.conv_rank,
             conv_alpha=c.lora.conv_alpha,
             dora=c.lora.dora,
+            lokr_factor=c.lora.lokr_factor,
+            decompose_both=c.lora.lokr_decompose_both,
         )
         metadata.update(lora.metadata)  # what the LoRA knows of its schedule (prediction type)
         export.save_kohya(path, lora, lora.family, metadata, dtype=c.output.dtype)

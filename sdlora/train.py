@@ -49,8 +49,10 @@ from sdlora.lora import (
     TEXT_ENCODER_ATTENTION,
     UNET_TARGET_PRESETS,
     Lora,
+    copy_lycoris,
     extract_lora,
     inject_lora,
+    layer_algo,
     lora_layers,
     resolve_path,
 )
@@ -350,12 +352,13 @@ def base_with_lora(config: Config, train_te: bool, device) -> tuple[Base, torch.
     torch.manual_seed(c_train.seed)  # the LoRA's initial down matrices
     targets = UNET_TARGET_PRESETS[c_lora.unet_targets]
     convs = {"conv_rank": c_lora.conv_rank, "conv_alpha": c_lora.conv_alpha}
-    inject_lora(base.unet, c_lora.rank, c_lora.alpha, targets, **convs, dora=c_lora.dora)
+    kind = {"dora": c_lora.dora, "algo": c_lora.algo}
+    if c_lora.algo == "lokr":
+        kind.update(lokr_factor=c_lora.lokr_factor, decompose_both=c_lora.lokr_decompose_both)
+    inject_lora(base.unet, c_lora.rank, c_lora.alpha, targets, **convs, **kind)
     for encoder in base.text_encoders.values():
         if train_te:
-            inject_lora(
-                encoder, c_lora.rank, c_lora.alpha, TEXT_ENCODER_ATTENTION, dora=c_lora.dora
-            )
+            inject_lora(encoder, c_lora.rank, c_lora.alpha, TEXT_ENCODER_ATTENTION, **kind)
         else:
             encoder.requires_grad_(False)
     base.vae.requires_grad_(False)
@@ -398,6 +401,9 @@ def start_from_lora(base: Base, path: Path) -> None:
                     f"lora.init_from {path.name} adapts {component}:{module_path}, which this "
                     "run does not train; match lora.unet_targets and lora.text_encoder to it"
                 ) from None
+            if module.algo != "lora" or layer_algo(layer) != "lora":
+                copy_lycoris(layer, module, f"lora.init_from {path.name}")
+                continue
             if module.rank != layer.r[ADAPTER]:
                 raise SdloraError(
                     f"lora.init_from {path.name} has rank {module.rank}; set lora.rank to match"

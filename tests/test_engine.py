@@ -50,7 +50,9 @@ def _loss_lines(out) -> int:
 
 
 @pytest.mark.parametrize(
-    "algo", [[], ["lora.algo=locon", "lora.dora=true"]], ids=["lora", "locon+dora"]
+    "algo",
+    [[], ["lora.algo=locon", "lora.dora=true"], ["lora.algo=loha"], ["lora.algo=lokr"]],
+    ids=["lora", "locon+dora", "loha", "lokr"],
 )
 def test_resume_gives_bit_identical_weights_and_logs(algo, style_dir, tmp_path):
     straight = tmp_path / "straight"

@@ -68,7 +68,7 @@ def caption_count(log: Path) -> int:
     return sum(line.startswith("wrote ") for line in lines)
 
 
-def build(queue: JobQueue) -> None:
+def build(queue: JobQueue):
     import gradio as gr
     import pandas as pd
 
@@ -151,9 +151,17 @@ def build(queue: JobQueue) -> None:
         return rows, pick_update, text, err, *out, state
 
     outputs = [table, pick, progress, error, loss, samples, ab, report, files, seen]
-    timer = gr.Timer(REFRESH_S)
+    # Polls only while the screen is open: a page on another screen costs the server nothing.
+    timer = gr.Timer(REFRESH_S, active=False)
     timer.tick(refresh, [pick, seen], outputs, show_progress="hidden")
     pick.input(lambda c: refresh(c, {}), [pick], outputs)
+
+    def follow_tabs(this_tab, other_tabs) -> None:
+        """Refresh at once and poll while `this_tab` is shown; stop when another is."""
+        this_tab.select(lambda c, last: (gr.Timer(active=True), *refresh(c, last)),
+                        [pick, seen], [timer, *outputs], show_progress="hidden")  # fmt: skip
+        for tab in other_tabs:
+            tab.select(lambda: gr.Timer(active=False), None, timer, show_progress="hidden")
 
     def do_stop(chosen):
         if not chosen:
@@ -180,6 +188,7 @@ def build(queue: JobQueue) -> None:
         )
 
     resume.click(do_continue, [pick, more], [message, pick])
+    return follow_tabs
 
 
 def report_text(report: dict) -> str:

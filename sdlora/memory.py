@@ -51,13 +51,14 @@ class MemoryEstimate:
         return self.weights + self.adapter + self.optimizer + self.activations + self.runtime
 
     def text(self) -> str:
-        def gib(n: int) -> str:
-            return f"{n / GIB:.1f}"
+        def size(n: int) -> str:
+            return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
 
         return (
-            f"≈ {gib(self.total)} GiB of GPU memory (estimate): base weights {gib(self.weights)}, "
-            f"LoRA + gradients {gib(self.adapter)}, optimizer {gib(self.optimizer)}, "
-            f"activations {gib(self.activations)} (rough), CUDA runtime {gib(self.runtime)}"
+            f"≈ {self.total / GIB:.1f} GiB of GPU memory (estimate): base weights "
+            f"{size(self.weights)}, LoRA + gradients {size(self.adapter)}, optimizer "
+            f"{size(self.optimizer)}, activations {size(self.activations)} (rough), CUDA "
+            f"runtime {size(self.runtime)}"
         )
 
 

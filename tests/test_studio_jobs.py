@@ -287,3 +287,24 @@ def test_after_continue_every_job_of_the_run_shows_where_the_run_is(tmp_path):
     assert [(row[0], row[4]) for row in rows] == [("0002", "19/19"), ("0001", "19/19")]
     old = runs.run_progress(first)
     assert "step **19/19**" in progress_text(first, old, target=19)
+
+
+def test_gradio_assets_are_cached_by_the_browser_and_the_page_is_not():
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from sdlora.studio.app import CacheAssets
+
+    def ok(request):
+        return PlainTextResponse("x", headers={"cache-control": "no-cache"})
+
+    routes = [Route("/assets/index-DphvyggB.js", ok), Route("/", ok)]
+    client = TestClient(Starlette(routes=routes, middleware=[Middleware(CacheAssets)]))
+    assert client.get("/assets/index-DphvyggB.js").headers["cache-control"] == (
+        "public, max-age=31536000, immutable"
+    )
+    assert client.get("/").headers["cache-control"] == "no-cache"
+    assert client.get("/assets/missing.js").status_code == 404

@@ -8,7 +8,8 @@ A load is a new browser page opened on the studio's URL until the Dataset screen
 is on screen (what a person waits for); `--cold` also opens each in a fresh browser context
 (no cached scripts). While the job trains, a second page stays on the Jobs screen, refreshing
 every second, as a person watching the run would have it. The machine's load average is
-printed with each row: other work on it moves the figures, so compare rows of one run.
+printed with each row: other work on it moves the figures, so compare rows of one run. The CPU
+seconds the page's renderer and the UI server spent on each load (medians) move much less.
 Needs playwright and Debian's chromium (/usr/bin/chromium), as the browser tests do.
 """
 
@@ -61,24 +62,36 @@ def html_seconds(url: str) -> float:
     return time.perf_counter() - started
 
 
-def page_seconds(browser, url: str, cold: bool) -> float:
+def page_seconds(browser, url: str, cold: bool) -> tuple[float, float]:
+    """Seconds until the page is usable, and the CPU seconds the page's renderer spent."""
     context = browser.new_context() if cold else browser.contexts[0]
     started = time.perf_counter()
     page = context.new_page()
+    cdp = context.new_cdp_session(page)
+    cdp.send("Performance.enable")
     page.goto(url)
     page.wait_for_selector("#ds-folder textarea, #ds-folder input", state="visible")
     took = time.perf_counter() - started
+    metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
     page.close()
     if cold:
         context.close()
-    return took
+    return took, metrics["TaskDuration"]
 
 
-def measure(browser, url: str, loads: int, cold: bool) -> dict[str, list[float]]:
-    found = {"html": [], "page": [], "load1": []}
+def measure(browser, url: str, ui, loads: int, cold: bool) -> dict[str, list[float]]:
+    """`loads` page loads; with each, the UI server's CPU seconds and the load average."""
+    import psutil
+
+    server = psutil.Process(ui.pid)
+    found = {"html": [], "page": [], "browser_cpu": [], "server_cpu": [], "load1": []}
     for _ in range(loads):
         found["html"].append(html_seconds(url))
-        found["page"].append(page_seconds(browser, url, cold))
+        before = sum(server.cpu_times()[:2])
+        took, cpu = page_seconds(browser, url, cold)
+        found["server_cpu"].append(sum(server.cpu_times()[:2]) - before)
+        found["page"].append(took)
+        found["browser_cpu"].append(cpu)
         found["load1"].append(os.getloadavg()[0])
         time.sleep(0.5)
     return found
@@ -111,10 +124,11 @@ def submit_job(workspace: Path, steps: int) -> str:
 def row(name: str, values: dict[str, list[float]]) -> str:
     page = sorted(values["page"])
     p90 = page[min(len(page) - 1, round(0.9 * (len(page) - 1)))]
+    median = {key: statistics.median(v) for key, v in values.items()}
     return (
-        f"| {name} | {len(page)} | {statistics.median(page):.2f} | {p90:.2f} | {page[0]:.2f} | "
-        f"{page[-1]:.2f} | {statistics.median(values['html']):.3f} | "
-        f"{min(values['load1']):.1f}-{max(values['load1']):.1f} |"
+        f"| {name} | {len(page)} | {median['page']:.2f} | {p90:.2f} | {page[0]:.2f} | "
+        f"{page[-1]:.2f} | {median['html']:.3f} | {median['browser_cpu']:.2f} | "
+        f"{median['server_cpu']:.2f} | {min(values['load1']):.1f}-{max(values['load1']):.1f} |"
     )
 
 
@@ -138,14 +152,15 @@ def main() -> None:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             browser.new_context()
             page_seconds(browser, url, cold=False)  # the first load fills the script cache
-            rows.append(row("idle", measure(browser, url, args.loads, args.cold)))
+            rows.append(row("idle", measure(browser, url, ui, args.loads, args.cold)))
 
             job_id = submit_job(workspace, steps=100_000)
             watcher = browser.contexts[0].new_page()
             watcher.goto(url)
             watcher.get_by_role("tab", name="Jobs").click()
             watcher.wait_for_selector("#w-progress :text('loss')", timeout=180_000)
-            rows.append(row("a tiny job training", measure(browser, url, args.loads, args.cold)))
+            busy = measure(browser, url, ui, args.loads, args.cold)
+            rows.append(row("a tiny job training", busy))
             watcher.close()
             JobQueue(workspace).stop(job_id)
             browser.close()
@@ -155,8 +170,9 @@ def main() -> None:
     print(f"studio answered {startup:.1f} s after `sdlora ui` started ({os.cpu_count()} cores)")
     cache = "a fresh context each" if args.cold else "scripts cached"
     print(f"page load: until the Dataset screen is usable in Chromium ({cache})\n")
-    print("| condition | loads | median s | p90 s | min s | max s | HTML s | load avg |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| condition | loads | median s | p90 s | min s | max s | HTML s | page CPU s | "
+          "server CPU s | load avg |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -34,7 +34,7 @@ FINAL = (DONE, STOPPED, FAILED, CANCELLED)
 STOP_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the trainer's exit after a signal
 START_GRACE_S = 30.0  # how long a started job may run before its child has written pid.json
 ERROR_LINES = 15
-NICENESS = 10  # a job's CPU priority below the UI's: a page loads quickly while a job trains
+NICENESS = 5  # a job's CPU priority below the UI's: a page loads quickly while a job trains
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The Jobs screenshot of the README (docs/studio-jobs.png): configs/demo.toml on the micro
-base, trained 100 steps, continued 20 more, finished with its learning report and A/B grid.
+base, trained 80 steps, continued 20 more, finished with its learning report and A/B grid
+(16 report images a set instead of the demo's 48, so it takes minutes, not tens of them).
 
     python scripts/studio_jobs_shot.py docs/studio-jobs.png
 
@@ -38,7 +39,8 @@ def main(out: Path) -> None:
         queue = JobQueue(workspace)
         demo = examples_root() / "configs" / "demo.toml"
         out_dir = workspace / "runs" / "bands"
-        config = load_config(demo, [f"output.dir={out_dir}", "train.steps=100"])
+        more = ["train.steps=80", "sample.report_images=16"]
+        config = load_config(demo, [f"output.dir={out_dir}", *more])
         first = runs.submit_train(queue, config, title="bands (micro)")
         settle(queue, first.id)
         settle(queue, runs.submit_continue(queue, first.id, 20).id)
@@ -48,7 +50,7 @@ def main(out: Path) -> None:
             page.goto(f"http://127.0.0.1:{port}/")
             page.get_by_role("tab", name="Jobs").click()
             page.wait_for_selector("#w-ab img")
-            page.wait_for_selector("#w-progress :text('120/120')")
+            page.wait_for_selector("#w-progress :text('100/100')")
             page.wait_for_timeout(1500)  # the loss plot's drawing
             page.screenshot(path=out, full_page=True)
             browser.close()

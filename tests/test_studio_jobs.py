@@ -14,6 +14,7 @@ import pytest
 from conftest import tiny_overrides
 
 from sdlora.configfile import load_config
+from sdlora.errors import SdloraError
 from sdlora.studio import jobs, runs
 from sdlora.studio.jobs import Job, JobQueue
 
@@ -97,6 +98,72 @@ def test_a_killed_ui_and_a_killed_job_show_their_true_state(style_dir, tmp_path)
     assert settle(again, second.id).status == jobs.DONE
 
 
+def test_jobs_on_two_devices_run_together_and_on_one_device_in_turn(style_dir, tmp_path):
+    # Real tiny trainings, labelled with the device the queue schedules them on; the config
+    # trains on the CPU, so the test needs no GPU (a cuda:N job only has CUDA_VISIBLE_DEVICES=N).
+    workspace = tmp_path / "ws"
+    queue = JobQueue(workspace)
+
+    def submit(name, device, steps=400):
+        job = runs.submit_train(queue, tiny_config(style_dir, tmp_path / name, steps), device="cpu")
+        job.device = device
+        return queue.submit(job)
+
+    a = submit("a", "cuda:0")
+    b = submit("b", "cuda:0", steps=2)
+    c = submit("c", "cpu")
+    assert [job.id for job in queue.tick()] == [a.id, c.id]  # b waits for a, c does not
+    record = json.loads((workspace / "jobs" / a.id / "job.json").read_text())
+    assert record["device"] == "cuda:0"
+    wait_for(lambda: runs.read_log(tmp_path / "a")[0] and runs.read_log(tmp_path / "c")[0],
+             what="both jobs to log a step")  # fmt: skip
+    assert _cuda_visible(workspace, a.id) == "0" and _cuda_visible(workspace, c.id) == ""
+
+    restarted = JobQueue(workspace)  # a restarted UI starts nothing beside them
+    assert restarted.tick() == []
+    states = {job.id: job.status for job in restarted.jobs()}
+    assert states == {a.id: jobs.RUNNING, b.id: jobs.QUEUED, c.id: jobs.RUNNING}
+
+    restarted.stop(a.id)
+    assert settle(restarted, a.id).status == jobs.STOPPED
+    assert restarted.get(c.id).status == jobs.RUNNING
+    assert settle(restarted, b.id).status == jobs.DONE  # next on cuda:0, while c still runs
+    restarted.stop(c.id)
+    assert settle(restarted, c.id).status == jobs.STOPPED
+
+
+def _cuda_visible(workspace: Path, job_id: str) -> str:
+    pid = json.loads((workspace / "jobs" / job_id / "pid.json").read_text())["pid"]
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+    return env[b"CUDA_VISIBLE_DEVICES"].decode()
+
+
+def test_a_job_goes_to_the_device_asked_for_or_the_least_busy_gpu():
+    def job(device, status=jobs.QUEUED):
+        return Job(id="x", kind="train", args=[], device=device, status=status)
+
+    assert runs.job_device("auto", [], gpus=0) == "cpu"
+    assert runs.job_device("cpu", [], gpus=2) == "cpu"
+    assert runs.job_device("auto", [], gpus=2) == "cuda:0"
+    busy = [job("cuda:0", jobs.RUNNING), job("cuda:0"), job("cuda:1"), job("cuda:1", jobs.DONE)]
+    assert runs.job_device("auto", busy, gpus=2) == "cuda:1"
+    assert runs.job_device("cuda", busy, gpus=3) == "cuda:2"
+    assert runs.job_device("cuda:0", busy, gpus=2) == "cuda:0"
+    with pytest.raises(SdloraError, match="device cuda:2 is not one of the 2 GPU"):
+        runs.job_device("cuda:2", [], gpus=2)
+    with pytest.raises(SdloraError, match="train.device is cuda but the studio sees no GPU"):
+        runs.job_device("cuda", [], gpus=0)
+
+
+def test_a_cuda_job_sees_only_its_gpu(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert jobs.job_environment("cuda:1")["CUDA_VISIBLE_DEVICES"] == "1"
+    assert jobs.job_environment("cpu")["CUDA_VISIBLE_DEVICES"] == ""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # the UI itself limited to two GPUs
+    assert jobs.job_environment("cuda:1")["CUDA_VISIBLE_DEVICES"] == "6"
+
+
 def _gone(pid: int) -> bool:
     try:
         os.waitpid(pid, os.WNOHANG)  # reaps it when it was our child
@@ -136,8 +203,8 @@ def test_queued_jobs_run_one_at_a_time_in_order_fail_in_words_and_can_be_cancell
     queue.stop(ids[1])
     assert queue.get(ids[1]).status == jobs.CANCELLED
     started = queue.tick()
-    assert started.id == ids[0]
-    assert queue.tick() is None  # one at a time
+    assert [job.id for job in started] == [ids[0]]
+    assert queue.tick() == []  # one at a time on the one device
     failed = settle(queue, ids[0], 60)
     assert failed.status == jobs.FAILED and failed.exit_code == 2  # a failed job says why
     assert "sdlora: error: config file absent.toml does not exist" in failed.error
@@ -200,3 +267,44 @@ def test_the_loss_curve_leaves_out_validation_lines(tmp_path):
         '{"step": 3, "lo'  # a line being written
     )
     assert read_log(tmp_path) == ([1, 2], [0.9, 0.8])
+
+
+def test_after_continue_every_job_of_the_run_shows_where_the_run_is(tmp_path):
+    from sdlora.studio.tab_watch import job_rows, progress_text
+
+    run = tmp_path / "run"
+    run.mkdir()
+    log = run / "log.jsonl"
+    log.write_text("".join(f'{{"step": {i}, "loss": 0.5}}\n' for i in range(1, 18)))
+    first = Job(id="0001", kind="train", args=[], run_dir=str(run), steps=60)
+    first.status = jobs.STOPPED
+    assert job_rows([first])[0][4] == "17/60"
+    more = Job(id="0002", kind="train", args=[], run_dir=str(run), steps=19, continues="0001")
+    more.status = jobs.DONE
+    with log.open("a") as f:  # the continuation's steps, appended to the same log
+        f.write('{"step": 18, "loss": 0.4}\n{"step": 19, "loss": 0.3}\n')
+    rows = job_rows([first, more])
+    assert [(row[0], row[4]) for row in rows] == [("0002", "19/19"), ("0001", "19/19")]
+    old = runs.run_progress(first)
+    assert "step **19/19**" in progress_text(first, old, target=19)
+
+
+def test_gradio_assets_are_cached_by_the_browser_and_the_page_is_not():
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from sdlora.studio.app import CacheAssets
+
+    def ok(request):
+        return PlainTextResponse("x", headers={"cache-control": "no-cache"})
+
+    routes = [Route("/assets/index-DphvyggB.js", ok), Route("/", ok)]
+    client = TestClient(Starlette(routes=routes, middleware=[Middleware(CacheAssets)]))
+    assert client.get("/assets/index-DphvyggB.js").headers["cache-control"] == (
+        "public, max-age=31536000, immutable"
+    )
+    assert client.get("/").headers["cache-control"] == "no-cache"
+    assert client.get("/assets/missing.js").status_code == 404

@@ -54,6 +54,35 @@ def check_binding(host: str, auth: tuple[str, str] | None) -> str | None:
     )
 
 
+# Gradio's scripts and styles are named by their content's hash, but served without a
+# Cache-Control header: a browser then asks the server again for each of its ~100 files on
+# every page load once its heuristic freshness has run out, which is most of the load time on a
+# busy machine. Marked immutable, they come from the browser's cache (a new Gradio version
+# brings new names).
+IMMUTABLE = b"/assets/"
+
+
+class CacheAssets:
+    """ASGI middleware: `Cache-Control: immutable` on Gradio's content-hashed files."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("raw_path") or scope.get("path", "").encode()
+        if scope["type"] != "http" or not path.startswith(IMMUTABLE):
+            return await self.app(scope, receive, send)
+
+        async def send_cached(message):
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                headers = [(k, v) for k, v in message.get("headers", []) if k != b"cache-control"]
+                headers.append((b"cache-control", b"public, max-age=31536000, immutable"))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        return await self.app(scope, receive, send_cached)
+
+
 def build_app(workspace: Path, queue: JobQueue):
     """The Blocks app (not launched)."""
     import gradio as gr
@@ -63,16 +92,17 @@ def build_app(workspace: Path, queue: JobQueue):
     with gr.Blocks(title="sdlora studio") as app:
         gr.Markdown(f"## sdlora studio\nWorkspace: `{workspace}` (runs, jobs, images, exports)")
         with gr.Tabs(elem_id="tabs"):
-            with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
+            with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset") as dataset:
                 tab_dataset.build(queue)
-            with gr.Tab("Train", id="train", elem_id="tab-train"):
+            with gr.Tab("Train", id="train", elem_id="tab-train") as train:
                 tab_train.build(workspace, queue)
-            with gr.Tab("Jobs", id="watch", elem_id="tab-watch"):
-                tab_watch.build(queue)
-            with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+            with gr.Tab("Jobs", id="watch", elem_id="tab-watch") as watch:
+                follow_tabs = tab_watch.build(queue)
+            with gr.Tab("Generate", id="generate", elem_id="tab-generate") as generate:
                 tab_tools.build_generate(workspace)
-            with gr.Tab("Export", id="export", elem_id="tab-export"):
+            with gr.Tab("Export", id="export", elem_id="tab-export") as export:
                 tab_tools.build_export(workspace)
+        follow_tabs(watch, [dataset, train, generate, export])
     return app
 
 
@@ -94,6 +124,8 @@ def serve(
     block: bool = True,
 ):
     """Start the job scheduler and the web server; returns (app, url) when `block` is False."""
+    from starlette.middleware import Middleware
+
     workspace = Path(workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
     queue = JobQueue(workspace)
@@ -112,6 +144,7 @@ def serve(
         quiet=True,
         ssr_mode=False,
         show_error=True,
+        app_kwargs={"middleware": [Middleware(CacheAssets)]},
     )
     print(f"sdlora studio: {url} (workspace {workspace})", flush=True)
     if block:

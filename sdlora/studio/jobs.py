@@ -1,6 +1,6 @@
 """The studio's job queue: `sdlora train` and `sdlora caption` run as child processes, one at a
-time, in submission order; every job's state lives in the workspace, so a restarted UI shows
-the truth.
+time per device (`cpu`, `cuda:0`, `cuda:1`, ...), in submission order on each device; every
+job's state lives in the workspace, so a restarted UI shows the truth.
 
 Layout: `<workspace>/jobs/<id>/` holds `job.json` (what was asked and the last known state),
 `pid.json` (the child's pid and start time, so a reused pid is not taken for it), `exit.json`
@@ -34,6 +34,7 @@ FINAL = (DONE, STOPPED, FAILED, CANCELLED)
 STOP_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # the trainer's exit after a signal
 START_GRACE_S = 30.0  # how long a started job may run before its child has written pid.json
 ERROR_LINES = 15
+NICENESS = 5  # a job's CPU priority below the UI's: a page loads quickly while a job trains
 
 
 @dataclass
@@ -46,6 +47,9 @@ class Job:
     args: list[str]
     """The `sdlora` arguments, e.g. `["train", "/ws/jobs/0001/config.toml", "--no-progress"]`."""
     title: str = ""
+    device: str = "cpu"
+    """What the job computes on: `cpu` or `cuda:N`. One job at a time runs per device; a
+    `cuda:N` job sees only that GPU (CUDA_VISIBLE_DEVICES), a `cpu` job none."""
     run_dir: str | None = None
     steps: int | None = None
     """The step a train job ends at, when known."""
@@ -95,8 +99,9 @@ def tail_lines(path: Path, n: int = ERROR_LINES) -> str:
 
 
 class JobQueue:
-    """The jobs of one workspace. `tick()` brings every job's state up to date and starts the
-    next queued job when none runs; `start()` runs `tick()` in a background thread."""
+    """The jobs of one workspace. `tick()` brings every job's state up to date and starts, on
+    each device with no job running, the oldest job queued for it; `start()` runs `tick()` in a
+    background thread."""
 
     def __init__(self, workspace: str | Path, python: str = sys.executable):
         self.root = Path(workspace).resolve() / "jobs"
@@ -141,7 +146,8 @@ class JobQueue:
         return job_id, folder
 
     def submit(self, job: Job) -> Job:
-        """Queue `job` (its id from `new_folder`); it starts when every earlier job has ended."""
+        """Queue `job` (its id from `new_folder`); it starts when every earlier job on its
+        device has ended."""
         job.status = QUEUED
         self._save(job)
         return job
@@ -197,14 +203,18 @@ class JobQueue:
         return job
 
     # --- running
-    def tick(self) -> Job | None:
-        """Update every job; start the oldest queued one when none is active. Returns it."""
+    def tick(self) -> list[Job]:
+        """Update every job; on each free device start the oldest job queued for it. Returns
+        the jobs started."""
         with self._locked():
             jobs = self.jobs()
-            if any(job.active for job in jobs):
-                return None
-            queued = [job for job in jobs if job.status == QUEUED]
-            return self._launch(queued[0]) if queued else None
+            busy = {job.device for job in jobs if job.active}
+            started = []
+            for job in jobs:  # oldest first: submission order on each device
+                if job.status == QUEUED and job.device not in busy:
+                    busy.add(job.device)
+                    started.append(self._launch(job))
+            return started
 
     def _launch(self, job: Job) -> Job:
         folder = self.folder(job.id)
@@ -217,7 +227,7 @@ class JobQueue:
                 stdout=out,
                 stderr=err,
                 cwd=folder,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},  # logs readable while it runs
+                env=job_environment(job.device),
                 start_new_session=True,  # the job outlives the UI (Ctrl-C or a crash)
             )
         self._children[job.id] = child
@@ -252,6 +262,20 @@ class JobQueue:
 
     def halt(self) -> None:
         self._halt.set()
+
+
+def job_environment(device: str) -> dict[str, str]:
+    """The child's environment: unbuffered logs (readable while it runs), and only its own
+    GPU visible, so two jobs on two GPUs cannot meet on one."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    gpu = ""
+    if device.startswith("cuda:"):
+        index = int(device.removeprefix("cuda:"))
+        # cuda:N counts the GPUs the UI itself sees, which its own CUDA_VISIBLE_DEVICES may limit
+        visible = [x for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()]
+        gpu = visible[index] if index < len(visible) else str(index)
+    env["CUDA_VISIBLE_DEVICES"] = gpu
+    return env
 
 
 def record_pid(folder: Path, pid: int) -> None:

@@ -2,7 +2,8 @@
 
 It is the `sdlora` command (the same `cli.main`), with two additions the queue relies on: it
 records its pid and start time first, and it writes `exit.json` with its exit code last. A
-SIGTERM before the trainer installs its own handler stops it like Ctrl-C (exit 130).
+SIGTERM before the trainer installs its own handler stops it like Ctrl-C (exit 130). It runs
+at a lower CPU priority, so the UI and the browser stay quick while it takes every core.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str]) -> int:
     folder, args = Path(argv[0]), argv[1:]
-    from sdlora.studio.jobs import record_pid, write_json
+    from sdlora.studio.jobs import NICENESS, record_pid, write_json
 
     record_pid(folder, os.getpid())
+    os.nice(NICENESS)
     signal.signal(signal.SIGTERM, _interrupt)
     code = 1
     try:

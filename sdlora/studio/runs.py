@@ -13,7 +13,7 @@ from pathlib import Path
 from sdlora.config import Config
 from sdlora.configfile import config_from_dict, config_to_toml, replace
 from sdlora.errors import SdloraError
-from sdlora.studio.jobs import Job, JobQueue
+from sdlora.studio.jobs import QUEUED, Job, JobQueue
 
 # Which shipped preset suits a family (configs/); others start from the defaults.
 PRESET_FOR_FAMILY = {"sd1": "sd15-style", "sd2-v": "sd21-768-style", "sdxl": "sdxl-style"}
@@ -76,14 +76,39 @@ class Estimate:
     steps_per_epoch: int
     steps: int
     epochs: float
+    memory: str = ""
+    """The memory line (see `memory_text`); empty when not asked for."""
 
     def text(self) -> str:
         reps = sorted(set(self.repeats))
         rep = str(reps[0]) if len(reps) == 1 else f"{reps[0]}-{reps[-1]}"
-        return (
+        lines = [
             f"{self.images} images × {rep} repeats = {sum(self.repeats)} per epoch; "
             f"{self.steps} steps ≈ {self.epochs:.1f} epochs ({self.steps_per_epoch} steps each)"
-        )
+        ]
+        return "\n\n".join(lines + ([self.memory] if self.memory else []))
+
+
+def memory_text(config: Config, device: str) -> str:
+    """The expected GPU memory of `config` on `device` (`cpu` or `cuda:N`), as an estimate."""
+    from sdlora.memory import meta_parameters, training_memory
+    from sdlora.models import base_family
+
+    if device == "cpu":
+        return "memory: CPU training; the GPU memory estimate does not apply (n/a)"
+    base = config.model.base
+    if base == "micro" or base.startswith("tiny:"):
+        return f"memory on {device}: well under 1 GiB (a built-in test base; estimate)"
+    family = base_family(base, config.model.family)
+    lora, train = config.lora, config.train
+    params = meta_parameters(
+        family, lora.rank, lora.unet_targets, lora.text_encoder, lora.conv_rank, lora.dora
+    )
+    found = training_memory(
+        params, family, train.mixed_precision, train.optimizer, config.dataset.resolution,
+        train.batch_size, train.gradient_checkpointing,
+    )  # fmt: skip
+    return f"memory on {device}: {found.text()}"
 
 
 def estimate(config: Config) -> Estimate:
@@ -104,13 +129,45 @@ def estimate(config: Config) -> Estimate:
     )
 
 
-def submit_train(queue: JobQueue, config: Config, title: str = "") -> Job:
-    """Queue `sdlora train` on `config`. Without checkpoints configured, its last step is kept
-    as one (train.save_every = steps), so Continue can resume it later."""
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def job_device(wanted: str, jobs: list[Job], gpus: int) -> str:
+    """The device a job runs on: `cpu` or `cuda:N`. `wanted` is `train.device` (`auto`, `cpu`,
+    `cuda`) or a GPU the user picked (`cuda:N`). `auto` and `cuda` take the GPU with the fewest
+    jobs queued or running (the lowest index on a tie); `auto` without a GPU is `cpu`."""
+    if wanted == "cpu":
+        return "cpu"
+    if wanted.startswith("cuda:"):
+        index = wanted.removeprefix("cuda:")
+        if not index.isdigit() or int(index) >= gpus:
+            raise SdloraError(
+                f"device {wanted} is not one of the {gpus} GPU(s) the studio sees; pick "
+                + ", ".join(["cpu", *(f"cuda:{i}" for i in range(gpus))])
+            )
+        return f"cuda:{int(index)}"
+    if gpus == 0:
+        if wanted == "cuda":
+            raise SdloraError("train.device is cuda but the studio sees no GPU; use cpu or auto")
+        return "cpu"
+    waiting = [job.device for job in jobs if job.status == QUEUED or job.active]
+    return min((f"cuda:{i}" for i in range(gpus)), key=waiting.count)
+
+
+def submit_train(queue: JobQueue, config: Config, title: str = "", device: str = "") -> Job:
+    """Queue `sdlora train` on `config`, on `device` (`cuda:N`, `cpu`; empty: as train.device
+    says). Without checkpoints configured, its last step is kept as one (train.save_every =
+    steps), so Continue can resume it later."""
     steps = estimate(config).steps
+    chosen = job_device(device or config.train.device, queue.jobs(), gpu_count())
+    changes = {"device": "cuda" if chosen.startswith("cuda") else "cpu"}
     if config.train.save_every == 0:
-        config = replace(config, train={"save_every": steps})
-    return _queue_config(queue, config, steps, title or Path(config.output.dir).name)
+        changes["save_every"] = steps
+    config = replace(config, train=changes)
+    return _queue_config(queue, config, steps, title or Path(config.output.dir).name, chosen)
 
 
 def submit_continue(queue: JobQueue, job_id: str, more_steps: int) -> Job:
@@ -136,12 +193,13 @@ def submit_continue(queue: JobQueue, job_id: str, more_steps: int) -> Job:
     config = replace(
         config, train={"resume": "latest", "steps": steps, "epochs": None, "save_every": steps}
     )
-    new = _queue_config(queue, config, steps, f"{Path(job.run_dir).name} +{more_steps}")
+    title = f"{Path(job.run_dir).name} +{more_steps}"
+    new = _queue_config(queue, config, steps, title, job.device)  # where the run has been
     new.continues = job_id
     return queue.submit(new)
 
 
-def _queue_config(queue: JobQueue, config: Config, steps: int, title: str) -> Job:
+def _queue_config(queue: JobQueue, config: Config, steps: int, title: str, device: str) -> Job:
     job_id, folder = queue.new_folder()
     path = folder / "config.toml"
     path.write_text(config_to_toml(config), encoding="utf-8")
@@ -150,6 +208,7 @@ def _queue_config(queue: JobQueue, config: Config, steps: int, title: str) -> Jo
         kind="train",
         args=["train", str(path), "--no-progress"],
         title=title,
+        device=device,
         run_dir=config.output.dir,
         steps=steps,
     )
@@ -189,12 +248,31 @@ class Progress:
         return self.steps[-1] if self.steps else 0
 
 
+# log.jsonl read last, per path: (mtime_ns, size) -> (steps, losses); the Jobs screen asks
+# every second for every run, and a log only changes while its run trains.
+_LOGS: dict[Path, tuple[tuple[int, int], tuple[list[int], list[float]]]] = {}
+
+
 def read_log(run_dir: Path) -> tuple[list[int], list[float]]:
     """Steps and training losses of log.jsonl (a line being written, and the validation
     lines, which hold `val_loss` instead, are skipped)."""
+    path = Path(run_dir) / "log.jsonl"
+    try:
+        stat = path.stat()
+    except OSError:
+        return [], []
+    key = (stat.st_mtime_ns, stat.st_size)
+    cached = _LOGS.get(path)
+    if cached is None or cached[0] != key:
+        cached = _LOGS[path] = (key, _parse_log(path))
+    steps, losses = cached[1]
+    return list(steps), list(losses)
+
+
+def _parse_log(path: Path) -> tuple[list[int], list[float]]:
     steps, losses = [], []
     try:
-        lines = (run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return steps, losses
     for line in lines:

@@ -59,6 +59,15 @@ def family_text(base: str) -> str:
     return f"family: **{family}** ({FAMILIES[family].title})"
 
 
+def device_choices() -> list[tuple[str, str]]:
+    """(label, value) of each place a job can run: as the config says, the CPU, each GPU."""
+    import torch
+
+    gpus = [(f"cuda:{i} ({torch.cuda.get_device_name(i)})", f"cuda:{i}")
+            for i in range(runs.gpu_count())]  # fmt: skip
+    return [("as train.device says (auto: a free GPU, else CPU)", ""), ("cpu", "cpu"), *gpus]
+
+
 def build(workspace: Path, queue: JobQueue) -> None:
     import gradio as gr
 
@@ -86,6 +95,7 @@ def build(workspace: Path, queue: JobQueue) -> None:
         sample_every = gr.Number(0, label="Sample every (0: start and end)", precision=0,
                                  elem_id="tr-sample-every")  # fmt: skip
         sample_steps = gr.Number(20, label="Sample steps", precision=0, elem_id="tr-sample-steps")
+        device = gr.Dropdown(device_choices(), value="", label="Run on", elem_id="tr-device")
     fields = dict(base=base, dataset=dataset, trigger=trigger, resolution=resolution, steps=steps,
                   batch_size=batch_size, lr=lr, rank=rank, alpha=alpha, save_every=save_every,
                   sample_every=sample_every, sample_steps=sample_steps, name=name)  # fmt: skip
@@ -173,21 +183,31 @@ def build(workspace: Path, queue: JobQueue) -> None:
             )
         return config
 
-    def do_estimate(text):
+    def planned(config, where: str) -> str:
+        found = runs.estimate(config)
+        found.memory = runs.memory_text(config, where)
+        return found.text()
+
+    def do_estimate(text, wanted):
         try:
-            return runs.estimate(checked(text)).text(), ""
+            config = checked(text)
+            where = runs.job_device(wanted or config.train.device, queue.jobs(), runs.gpu_count())
+            return planned(config, where), ""
         except SdloraError as e:
             return "", f"**config error:** {e}"
 
-    estimate_button.click(do_estimate, toml, [estimate, error])
+    estimate_button.click(do_estimate, [toml, device], [estimate, error])
 
-    def do_queue(text):
+    def do_queue(text, wanted):
         try:
             config = checked(text)
-            job = runs.submit_train(queue, config)
-            plan = runs.estimate(config).text()
+            job = runs.submit_train(queue, config, device=wanted or "")
+            plan = planned(config, job.device)
         except SdloraError as e:
             return f"**not queued:** {e}", gr.skip()
-        return f"queued job **{job.id}** ({job.title}, {job.steps} steps) · see Jobs", plan
+        return (
+            f"queued job **{job.id}** ({job.title}, {job.steps} steps, on {job.device}) · see Jobs",
+            plan,
+        )
 
-    queue_button.click(do_queue, toml, [status, estimate])
+    queue_button.click(do_queue, [toml, device], [status, estimate])

@@ -14,18 +14,37 @@ from sdlora.studio.jobs import FAILED, QUEUED, Job, JobQueue
 REFRESH_S = 1.0
 
 
+HEADERS = ["job", "kind", "title", "status", "step", "queued at"]
+
+
+def run_targets(jobs: list[Job]) -> dict[str, int | None]:
+    """The step each run now trains to: that of its newest job (a Continue raises it)."""
+    return {job.run_dir: job.steps for job in jobs if job.run_dir}
+
+
 def job_rows(jobs: list[Job]) -> list[list]:
+    """The queue table, newest first. A train job's step is its run's: a run continued by a
+    later job shows where the run is now on every one of its jobs."""
+    targets = run_targets(jobs)
     rows = []
     for job in reversed(jobs):
         when = datetime.datetime.fromtimestamp(job.created).strftime("%H:%M:%S")
-        rows.append([job.id, job.kind, job.title, job.status, job.steps or "", when])
+        step = ""
+        if job.kind == "train" and job.run_dir:
+            done, target = runs.read_log(Path(job.run_dir))[0], targets[job.run_dir]
+            step = f"{done[-1] if done else 0}/{target}" if target else ""
+        rows.append([job.id, job.kind, job.title, job.status, step, when])
     return rows
 
 
-def progress_text(job: Job, progress: runs.Progress | None, captions: int = 0) -> str:
+def progress_text(
+    job: Job, progress: runs.Progress | None, captions: int = 0, target: int | None = None
+) -> str:
+    """The watched job's line; `target` is the step its run now trains to (see run_targets)."""
     parts = [f"job **{job.id}** · **{job.status}**"]
     if progress is not None and job.kind == "train":
-        total = f"/{job.steps}" if job.steps else ""
+        target = target or job.steps
+        total = f"/{target}" if target else ""
         parts.append(f"step **{progress.step}{total}**")
         if progress.per_s:
             parts.append(f"{progress.per_s:.2f} it/s")
@@ -49,11 +68,11 @@ def caption_count(log: Path) -> int:
     return sum(line.startswith("wrote ") for line in lines)
 
 
-def build(queue: JobQueue) -> None:
+def build(queue: JobQueue):
     import gradio as gr
     import pandas as pd
 
-    table = gr.Dataframe(headers=["job", "kind", "title", "status", "steps", "queued at"],
+    table = gr.Dataframe(headers=HEADERS,
                          interactive=False, elem_id="w-jobs", label="Queue")  # fmt: skip
     with gr.Row():
         pick = gr.Dropdown(label="Watch job", choices=[], allow_custom_value=True,
@@ -94,7 +113,7 @@ def build(queue: JobQueue) -> None:
         job = next(j for j in jobs if j.id == chosen)
         prog = runs.run_progress(job, pace) if job.kind == "train" and job.run_dir else None
         captions = caption_count(queue.folder(job.id) / "stdout.log")
-        text = progress_text(job, prog, captions)
+        text = progress_text(job, prog, captions, run_targets(jobs).get(job.run_dir))
         show_error = job.status == FAILED or (job.error and job.status != "done")
         err = gr.update(value=job.error, visible=bool(show_error))
         if prog is None:
@@ -132,9 +151,17 @@ def build(queue: JobQueue) -> None:
         return rows, pick_update, text, err, *out, state
 
     outputs = [table, pick, progress, error, loss, samples, ab, report, files, seen]
-    timer = gr.Timer(REFRESH_S)
+    # Polls only while the screen is open: a page on another screen costs the server nothing.
+    timer = gr.Timer(REFRESH_S, active=False)
     timer.tick(refresh, [pick, seen], outputs, show_progress="hidden")
     pick.input(lambda c: refresh(c, {}), [pick], outputs)
+
+    def follow_tabs(this_tab, other_tabs) -> None:
+        """Refresh at once and poll while `this_tab` is shown; stop when another is."""
+        this_tab.select(lambda c, last: (gr.Timer(active=True), *refresh(c, last)),
+                        [pick, seen], [timer, *outputs], show_progress="hidden")  # fmt: skip
+        for tab in other_tabs:
+            tab.select(lambda: gr.Timer(active=False), None, timer, show_progress="hidden")
 
     def do_stop(chosen):
         if not chosen:
@@ -161,6 +188,7 @@ def build(queue: JobQueue) -> None:
         )
 
     resume.click(do_continue, [pick, more], [message, pick])
+    return follow_tabs
 
 
 def report_text(report: dict) -> str:

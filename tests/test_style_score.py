@@ -1,6 +1,6 @@
 """The learning report's style score means something on the micro model: it orders LoRAs of
-known strength (one LoRA at scale 0, 0.5 and 1; fewer and more steps of one run) and tells
-two different style sets apart."""
+known strength (one LoRA at scale 0, 0.5 and 1; fewer and more steps of one run).
+(Telling two style sets apart needs fully trained LoRAs: benchmarks/style_score.py.)"""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from sdlora.report import (
     paired_scores,
     render_sets,
     report_prompts,
-    style_scores,
     style_set,
 )
 
@@ -49,7 +48,6 @@ def micro():
 def styles(micro):
     return {
         "bands": style_set(micro, EXAMPLES / "bands", "zkbands", 32),
-        "stripes": style_set(micro, EXAMPLES / "stripes", "zkstripes", 32),
     }
 
 
@@ -81,11 +79,6 @@ def train_on(name: str, trigger: str, tmp: Path) -> Path:
 @pytest.fixture(scope="module")
 def bands_run(tmp_path_factory):
     return train_on("bands", "zkbands", tmp_path_factory.mktemp("bands"))
-
-
-@pytest.fixture(scope="module")
-def stripes_run(tmp_path_factory):
-    return train_on("stripes", "zkstripes", tmp_path_factory.mktemp("stripes"))
 
 
 def lora_sets(lora: Path, scale: float, captions, trigger: str = "zkbands") -> dict:
@@ -126,27 +119,3 @@ def test_the_style_score_orders_loras_of_known_strength(bands_run, styles, micro
         assert shift[0.0] < shift[0.5] < shift[1.0] - 0.2, (name, shift)
         assert fewer[name]["style_shift_with_trigger"] < shift[1.0] - 0.1, (name, fewer)
     assert by_scale[1.0][GRAM]["style_shift_with_trigger"] > 0.5
-
-
-def position(samples: list[np.ndarray], a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    """Where the mean of `samples` lies on the line from set `a` (0) to set `b` (1): per part
-    of a statistic, averaged (the report's projection with `a` as the origin)."""
-    return float(np.mean([
-        style_scores(pa.mean(0), x.mean(0), pa.mean(0), pa.mean(0), pb.mean(0))["shift"]
-        for x, pa, pb in zip(samples, a, b, strict=True)
-    ]))  # fmt: skip
-
-
-def test_the_gram_score_tells_two_style_sets_apart(bands_run, stripes_run, styles, micro):
-    """On the line from the bands set (0) to the stripes set (1), each LoRA's samples with its
-    trigger lie on its own set's side. (On the base-to-style axis both sets lie in the same
-    direction, colourful diagonal stripes against plain backgrounds: that axis measures how
-    much style, not which.)"""
-    a = features(micro, styles["bands"][0])[GRAM]
-    b = features(micro, styles["stripes"][0])[GRAM]
-    captions = styles["bands"][1]
-    bands = lora_sets(bands_run / "bands.safetensors", 1.0, captions, "zkbands")
-    stripes = lora_sets(stripes_run / "stripes.safetensors", 1.0, captions, "zkstripes")
-    at_bands = position(bands["lora_with"][GRAM], a, b)
-    at_stripes = position(stripes["lora_with"][GRAM], a, b)
-    assert at_bands < 0.35 < at_stripes and at_stripes - at_bands > 0.4, (at_bands, at_stripes)

@@ -2,7 +2,7 @@
 (`configs/demo.toml` on the micro model) and single changes to it, printed as a table.
 
     python benchmarks/demo_options.py              # every row, two runs at a time
-    python benchmarks/demo_options.py --jobs 1 --rows 0 3    # the demo and rank 4
+    python benchmarks/demo_options.py --jobs 1 --rows 0 1 2  # the demo, three seeds
 
 Each row is a real `sdlora train` in its own process at one torch thread; wall time is the
 whole run (prior images, training, samples, report), so it grows when runs share the CPU.
@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 ROWS = [
     [],
     ["train.seed=1"],
+    ["train.seed=2"],
     ["lora.rank=8", "lora.alpha=8"],
     ["lora.rank=4", "lora.alpha=4"],
     ["lora.rank=8", "lora.alpha=8", "train.prior_images=0"],
@@ -55,7 +56,13 @@ def run(name: str, overrides: list[str], work: Path) -> dict:
     if result.returncode:
         return {"name": name, "error": result.stderr.strip().splitlines()[-1]}
     report = json.loads((out / "learning_report.json").read_text())
-    return {"name": name, "wall": wall, **report}
+    loop = json.loads((out / "run.json").read_text())
+    return {"name": name, "wall": wall, "loop": loop["wall_time_s"],
+            "samples_per_s": loop["samples_per_s"], **report}  # fmt: skip
+
+
+def cell(scores: dict, key: str, se: str) -> str:
+    return f"{scores[key]:.2f} ± {scores[se]:.2f}"
 
 
 def main() -> None:
@@ -66,16 +73,21 @@ def main() -> None:
     rows = [ROWS[i] for i in args.rows] if args.rows else ROWS
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(lambda o: run(row_name(o), o, Path(tmp)), rows))
-    print("| run | wall | style shift with trigger | drift without trigger "
-          "| any change without trigger |")  # fmt: skip
-    print("|---|---|---|---|---|")
+    print("| run | wall | loop | samples/s | Gram shift | Gram drift | palette shift "
+          "| palette drift |  (± standard error over the report's images)")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['name']} | failed: {r['error']} | | | |")
+            print(f"| {r['name']} | failed: {r['error']} | | | | | | |")
             continue
-        shift, drift = r["style_shift_with_trigger"], r["drift_without_trigger"]
-        change = r["change_without_trigger"]
-        print(f"| {r['name']} | {r['wall']:.0f} s | {shift:.2f} | {drift:.2f} | {change:.2f} |")
+        cells = [
+            cell(r["statistics"][name], key, se)
+            for name in ("vae_encoder_gram", "palette_histogram_4x4x4")
+            for key, se in (("style_shift_with_trigger", "style_shift_se"),
+                            ("drift_without_trigger", "drift_se"))
+        ]  # fmt: skip
+        print(f"| {r['name']} | {r['wall']:.0f} s | {r['loop']:.0f} s | "
+              f"{r['samples_per_s']:.1f} | {' | '.join(cells)} |")  # fmt: skip
 
 
 if __name__ == "__main__":

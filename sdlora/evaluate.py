@@ -31,7 +31,7 @@ from sdlora.progress import (
     save_progress_plot,
     write_checkpoints,
 )
-from sdlora.report import StyleProbe, decode_latents, learning_report
+from sdlora.report import SCORE_KEYS, StyleProbe, decode_latents, learning_report
 from sdlora.schedule import guidance_rescale
 from sdlora.step import added_cond, diffusion_loss, encode_text
 from sdlora.validation import TRAINING, ValidationImages, ValidationSet, prepare_validation
@@ -316,7 +316,7 @@ class Evaluation:
         if val_loss is None:
             val_loss = self.validate(step)
         started = time.time()
-        scores = {"style_shift_with_trigger": None, "drift_without_trigger": None}
+        scores = dict.fromkeys(SCORE_KEYS)
         images = min(self.config.sample.checkpoint_images, self.config.sample.report_images)
         if images:
             with evaluating(self.base):

@@ -2,8 +2,10 @@
 pictures that show the run's progress (progress.png, checkpoints.png).
 
 A checkpoint's evaluation is a dict: `step`, `val_loss`, `style_shift_with_trigger` and
-`drift_without_trigger` (None without style scores) and `lora`, the LoRA file of that step
-in the run folder (None when none was written).
+`drift_without_trigger` (the VAE Gram statistic; None without style scores),
+`palette_shift_with_trigger` and `palette_drift_without_trigger` (the palette's), and `lora`,
+the LoRA file of that step in the run folder (None when none was written). The rule reads
+the first two.
 """
 
 from __future__ import annotations
@@ -124,6 +126,13 @@ def checkpoint_grid(sample_grids: list[Path], path: Path, title: str) -> Path | 
 
 LOSS, SMOOTH, VAL = (170, 190, 230), (20, 60, 160), (200, 30, 30)
 SHIFT, DRIFT, MARK, BEST = (20, 120, 40), (230, 130, 0), (200, 200, 200), (20, 160, 60)
+PALETTE_SHIFT, PALETTE_DRIFT = (150, 210, 160), (245, 200, 140)
+STYLE_SERIES = (
+    ("palette_shift_with_trigger", PALETTE_SHIFT),
+    ("palette_drift_without_trigger", PALETTE_DRIFT),
+    ("style_shift_with_trigger", SHIFT),
+    ("drift_without_trigger", DRIFT),
+)
 
 
 def save_progress_plot(
@@ -136,8 +145,8 @@ def save_progress_plot(
 ) -> Path:
     """Two panels against the step: above, the training loss (light, its moving average
     dark) and the validation loss (red); below, the style shift with the trigger (green)
-    and the drift without it (orange) at the checkpoints. Checkpoints are grey lines, the
-    best step a green one."""
+    and the drift without it (orange) at the checkpoints, the palette's in lighter colours.
+    Checkpoints are grey lines, the best step a green one."""
     width, height = size
     left, right, gap = 48, width - 12, 24
     panels = ((12, height // 2 - gap // 2), (height // 2 + gap // 2, height - 28))
@@ -172,16 +181,17 @@ def save_progress_plot(
     # Below: style scores.
     top, bottom = panels[1]
     scored = [e for e in entries if e.get("style_shift_with_trigger") is not None]
-    scores = [e[k] for e in scored for k in ("style_shift_with_trigger", "drift_without_trigger")]
+    scores = [e[k] for e in scored for k, _ in STYLE_SERIES if e.get(k) is not None]
     low, high = min([0.0, *scores]), max([1.0, *scores])
     y = _scale(low, high, top, bottom)
     draw.line([(left, y(0)), (right, y(0))], fill=MARK)
-    for key, colour in (("style_shift_with_trigger", SHIFT), ("drift_without_trigger", DRIFT)):
-        _series(draw, [(x(e["step"]), y(e[key])) for e in scored], colour)
+    for key, colour in STYLE_SERIES:
+        _series(draw, [(x(e["step"]), y(e[key])) for e in scored if e.get(key) is not None], colour)
     draw.text((2, top), f"{high:.2g}", fill="black", font=font)
     draw.text((2, y(0) - 5), "0", fill="black", font=font)
     draw.text((left + 4, top + 2), "style shift with trigger", fill=SHIFT, font=font)
     draw.text((left + 160, top + 2), "drift without trigger", fill=DRIFT, font=font)
+    draw.text((left + 300, top + 2), "(VAE Gram; light: palette)", fill="black", font=font)
     if not scored:
         draw.text((left + 4, top + 16), "no style scores (sample.report_images = 0)", fill="black",
                   font=font)  # fmt: skip

@@ -1,8 +1,8 @@
 """The learning report: did the LoRA learn the style, and only behind its trigger word?
 
 After training, the same prompts are rendered with the same seeds four ways: by the base and by
-the base with the LoRA, each with and without the trigger word. A style statistic of each set
-is compared with the same statistic of the training images:
+the base with the LoRA, each with and without the trigger word. Two style statistics of each
+set are compared with the same statistics of the training images:
 
 - `style_shift_with_trigger`: how far the LoRA's samples with the trigger moved from the base's
   samples (same prompts, same seeds) towards the training set, projected on the line between
@@ -15,13 +15,22 @@ is compared with the same statistic of the training images:
   base-to-style distance). It also counts changes that are not the style, such as a different
   background colour drawn for a prompt that names none, so it is noisier than the drift.
 
-The statistic is the palette: a colour histogram of each image (4 levels per RGB channel, 64
-bins, normalised), averaged over a set. The training images are read back through the VAE,
-so the base is measured against what it can draw at all. A palette shows a change of colours
-(a palette style, a tint, a colour texture); it cannot show brushwork, line quality,
-composition or whether the subject still follows the prompt, and on a real base a style set
-whose colours resemble the base's own output gives a small, noisy axis. Read it as one
-number beside the sample grids, not instead of them.
+Each image with the LoRA is paired with the base's image of the same prompt and seed, so a
+score is the mean of per-image moves; `*_se` is its standard error over the images (the
+report's own noise: what another set of prompts and seeds would change).
+
+The statistics, both averaged over a set (the training images are read back through the VAE,
+so the base is measured against what it can draw at all):
+
+- `vae_encoder_gram` (the headline numbers): Gram matrices of the base's own VAE encoder
+  features after each down block (sdlora.gram), one score per block, averaged. They see
+  texture and colour combinations at a few scales: bands, stripes, strokes, hatching.
+- `palette_histogram_4x4x4`: a colour histogram (4 levels per RGB channel, 64 bins).
+
+Neither shows composition or whether the subject still follows the prompt, the Gram matrices
+of a VAE trained to reconstruct pixels are not a judge of taste, and on a real base whose own
+pictures already look like the style set the base-to-style axis is short and the scores noisy.
+Read them beside the sample grids, not instead of them.
 
 `ab_grid.png` shows the same four sets side by side for the first prompts.
 """
@@ -36,13 +45,20 @@ import torch
 from diffusers import DDIMScheduler
 from PIL import Image
 
+from sdlora.gram import gram_features
 from sdlora.images import save_grid
 from sdlora.lora import lora_layers
 from sdlora.schedule import guidance_rescale
 
-STATISTIC = "palette_histogram_4x4x4"
+GRAM = "vae_encoder_gram"
+PALETTE = "palette_histogram_4x4x4"
+STATISTIC = GRAM
+"""The statistic of the headline numbers; every statistic's are under `statistics`."""
 LEVELS = 4
 GRID_ROWS = 4
+ORDER = ("base_with", "lora_with", "base_without", "lora_without")
+"""The four sets, in style_scores' order."""
+HEADLINE = ("style_shift_with_trigger", "drift_without_trigger", "change_without_trigger")
 
 
 def palette(image: Image.Image) -> np.ndarray:
@@ -51,10 +67,6 @@ def palette(image: Image.Image) -> np.ndarray:
     codes = (px[..., 0] * LEVELS + px[..., 1]) * LEVELS + px[..., 2]
     hist = np.bincount(codes.ravel(), minlength=LEVELS**3).astype(np.float64)
     return hist / hist.sum()
-
-
-def mean_palette(images: list[Image.Image]) -> np.ndarray:
-    return np.mean([palette(i) for i in images], axis=0)
 
 
 def style_scores(
@@ -74,6 +86,49 @@ def style_scores(
         "drift": float((lora_without - base_without) @ axis) / length2,
         "change": float(np.linalg.norm(lora_without - base_without)) / length2**0.5,
     }
+
+
+def features(base, images: list[Image.Image]) -> dict[str, list[np.ndarray]]:
+    """Each statistic of each image: per statistic, a list of parts (the palette: one; the
+    Gram matrices: one per encoder block), each (len(images), D)."""
+    return {
+        GRAM: gram_features(base.vae, images),
+        PALETTE: [np.stack([palette(i) for i in images])],
+    }
+
+
+def paired_scores(sets: dict[str, dict], style: dict[str, list[np.ndarray]]) -> dict[str, dict]:
+    """Per statistic: shift, drift and change (style_scores per part, averaged over parts),
+    with the standard errors of shift and drift over the paired images, and the parts'
+    own shift and drift. `sets`: the features of base_with, lora_with, base_without and
+    lora_without (the same prompts and seeds in the same order)."""
+    out = {}
+    for name, style_parts in style.items():
+        parts, shifts, drifts = [], [], []
+        for k, target in enumerate(style_parts):
+            each = {who: sets[who][name][k] for who in sets}  # (N, D) per set
+            means = {who: f.mean(axis=0) for who, f in each.items()}
+            parts.append(style_scores(*(means[w] for w in ORDER), target.mean(axis=0)))
+            axis = target.mean(axis=0) - means["base_with"]
+            length2 = float(axis @ axis) or np.inf  # no axis: no move along it
+            shifts.append((each["lora_with"] - each["base_with"]) @ axis / length2)  # (N,)
+            drifts.append((each["lora_without"] - each["base_without"]) @ axis / length2)
+        shift, drift = np.mean(shifts, axis=0), np.mean(drifts, axis=0)  # per image
+        out[name] = {
+            "style_shift_with_trigger": round(float(shift.mean()), 4),
+            "drift_without_trigger": round(float(drift.mean()), 4),
+            "change_without_trigger": round(float(np.mean([p["change"] for p in parts])), 4),
+            "style_shift_se": round(standard_error(shift), 4),
+            "drift_se": round(standard_error(drift), 4),
+            "parts": [
+                {"shift": round(p["shift"], 4), "drift": round(p["drift"], 4)} for p in parts
+            ],  # fmt: skip
+        }
+    return out
+
+
+def standard_error(values: np.ndarray) -> float:
+    return float(values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else 0.0
 
 
 def strip_trigger(caption: str, trigger: str) -> str:
@@ -126,6 +181,39 @@ def decode_latents(base, latents: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p.numpy()) for p in pixels]
 
 
+def render_sets(
+    base, prompts: list[str], with_trigger: list[str], seeds: list[int], steps, cfg, size
+) -> dict[str, list[Image.Image]]:
+    """base_with, base_without, lora_with, lora_without: the prompts with and without the
+    trigger, the LoRA's adapters off and on (left on), one image per seed."""
+    modules = (base.unet, *base.text_encoders.values())
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    sets = {}
+    for enabled in (False, True):
+        set_adapters(base, enabled)
+        who = "lora" if enabled else "base"
+        sets[f"{who}_with"] = render(base, with_trigger, seeds, steps, cfg, size)
+        sets[f"{who}_without"] = render(base, prompts, seeds, steps, cfg, size)
+    set_adapters(base, True)
+    for m, training in zip(modules, was_training, strict=True):
+        m.train(training)
+    return sets
+
+
+def style_set(base, folder: Path, trigger: str, resolution: int) -> tuple[list, list[str]]:
+    """The images of a style folder as the base's VAE returns them, and their captions (for
+    scoring outside a run: benchmarks, tests)."""
+    from sdlora.cache import LatentCache  # the report itself gets the run's cache
+    from sdlora.dataset import scan_folder
+
+    scan = scan_folder(folder, trigger, resolution)
+    latents = LatentCache(base.vae, scan, base.vae.device, enabled=False)
+    images = [decode_latents(base, latents.get(e)[0])[0] for e in scan.examples]
+    return images, [e.caption for e in scan.examples]
+
+
 def learning_report(
     base,
     style_images: list[Image.Image],
@@ -141,32 +229,14 @@ def learning_report(
     """Render the four sets, score them, write learning_report.json and ab_grid.png."""
     prompts, with_trigger = report_prompts(captions, trigger, images)
     seeds = [seed + i for i in range(images)]
-    modules = (base.unet, *base.text_encoders.values())
-    was_training = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    sets = {}
-    for enabled in (False, True):
-        set_adapters(base, enabled)
-        who = "lora" if enabled else "base"
-        sets[f"{who}_with"] = render(base, with_trigger, seeds, steps, cfg, size)
-        sets[f"{who}_without"] = render(base, prompts, seeds, steps, cfg, size)
-    set_adapters(base, True)
-    for m, training in zip(modules, was_training, strict=True):
-        m.train(training)
-    means = {name: mean_palette(imgs) for name, imgs in sets.items()}
-    scores = style_scores(
-        means["base_with"],
-        means["lora_with"],
-        means["base_without"],
-        means["lora_without"],
-        mean_palette(style_images),
+    sets = render_sets(base, prompts, with_trigger, seeds, steps, cfg, size)
+    scores = paired_scores(
+        {name: features(base, imgs) for name, imgs in sets.items()}, features(base, style_images)
     )
     report = {
         "statistic": STATISTIC,
-        "style_shift_with_trigger": round(scores["shift"], 4),
-        "drift_without_trigger": round(scores["drift"], 4),
-        "change_without_trigger": round(scores["change"], 4),
+        **{k: scores[STATISTIC][k] for k in HEADLINE},
+        "statistics": scores,
         "trigger": trigger,
         "prompts_without_trigger": prompts,
         "prompts_with_trigger": with_trigger,
@@ -199,14 +269,35 @@ def ab_grid(sets: dict, prompts: list[str], with_trigger: list[str], path: Path)
 
 
 def summary(report: dict) -> str:
-    """Two terminal lines."""
-    return (
-        f"learning report ({report['statistic']}, {len(report['seeds'])} images per set): "
-        f"style shift with trigger {report['style_shift_with_trigger']:.2f}, "
-        f"drift without trigger {report['drift_without_trigger']:.2f} "
-        f"(any change: {report['change_without_trigger']:.2f})\n"
-        "  (0 = like the base model, 1 = like the training set)"
-    )
+    """The terminal's lines: shift and drift (± their standard errors) per statistic."""
+    lines = [f"learning report ({len(report['seeds'])} images per set, paired seeds; "
+             "0 = like the base model, 1 = like the training set):"]  # fmt: skip
+    for name, s in report["statistics"].items():
+        lines.append(
+            f"  {name}: style shift with trigger {s['style_shift_with_trigger']:.2f}"
+            f" ± {s['style_shift_se']:.2f}, drift without trigger"
+            f" {s['drift_without_trigger']:.2f} ± {s['drift_se']:.2f}"
+            f" (any change: {s['change_without_trigger']:.2f})"
+        )
+    return "\n".join(lines)
+
+
+SCORE_KEYS = (
+    "style_shift_with_trigger",
+    "drift_without_trigger",
+    "palette_shift_with_trigger",
+    "palette_drift_without_trigger",
+)
+"""A checkpoint's style scores in checkpoints.json (None without report images)."""
+
+
+def probe_entry(scores: dict[str, dict]) -> dict[str, float]:
+    """A checkpoint's style scores: the headline statistic's shift and drift, and the
+    palette's as `palette_shift_with_trigger` / `palette_drift_without_trigger`."""
+    head, pal = scores[STATISTIC], scores[PALETTE]
+    values = (head["style_shift_with_trigger"], head["drift_without_trigger"],
+              pal["style_shift_with_trigger"], pal["drift_without_trigger"])  # fmt: skip
+    return dict(zip(SCORE_KEYS, values, strict=True))
 
 
 class StyleProbe:
@@ -228,24 +319,23 @@ class StyleProbe:
         self.prompts, self.with_trigger = report_prompts(captions, trigger, images)
         self.seeds = [seed + i for i in range(images)]
         self.steps, self.cfg, self.size = steps, cfg, size
-        self.style = mean_palette(style_images)
-        self.base_means: tuple[np.ndarray, np.ndarray] | None = None
+        self.style_images = style_images
+        self.style: dict | None = None
+        self.base_sets: dict | None = None
 
     def __call__(self, base) -> dict[str, float]:
-        """`style_shift_with_trigger` and `drift_without_trigger` of the LoRA as it is now."""
-        if self.base_means is None:
+        """Shift and drift of the LoRA as it is now (see probe_entry)."""
+        if self.base_sets is None:
+            self.style = features(base, self.style_images)
             set_adapters(base, False)
-            self.base_means = self._means(base)
+            self.base_sets = self._sets(base, "base")
             set_adapters(base, True)
-        lora_with, lora_without = self._means(base)
-        base_with, base_without = self.base_means
-        scores = style_scores(base_with, lora_with, base_without, lora_without, self.style)
-        return {
-            "style_shift_with_trigger": round(scores["shift"], 4),
-            "drift_without_trigger": round(scores["drift"], 4),
-        }
+        sets = {**self.base_sets, **self._sets(base, "lora")}
+        return probe_entry(paired_scores(sets, self.style))
 
-    def _means(self, base) -> tuple[np.ndarray, np.ndarray]:
+    def _sets(self, base, who: str) -> dict[str, dict]:
         shot = (self.seeds, self.steps, self.cfg, self.size)
-        with_trigger = mean_palette(render(base, self.with_trigger, *shot))
-        return with_trigger, mean_palette(render(base, self.prompts, *shot))
+        return {
+            f"{who}_with": features(base, render(base, self.with_trigger, *shot)),
+            f"{who}_without": features(base, render(base, self.prompts, *shot)),
+        }

@@ -156,10 +156,16 @@ def test_micro_run_writes_a_learning_report_in_range(tmp_path):
     report = result.learning
     assert (result.run_dir / "learning_report.json").is_file()
     assert (result.run_dir / "ab_grid.png").is_file()
-    assert report["statistic"] == "palette_histogram_4x4x4"
-    assert -1 <= report["style_shift_with_trigger"] <= 2
-    assert -1 <= report["drift_without_trigger"] <= 2
-    assert 0 <= report["change_without_trigger"] <= 3
+    assert report["statistic"] == "vae_encoder_gram"
+    assert set(report["statistics"]) == {"vae_encoder_gram", "palette_histogram_4x4x4"}
+    for scores in (report, *report["statistics"].values()):
+        assert -1 <= scores["style_shift_with_trigger"] <= 2
+        assert -1 <= scores["drift_without_trigger"] <= 2
+        assert 0 <= scores["change_without_trigger"] <= 3
+    gram = report["statistics"]["vae_encoder_gram"]
+    assert gram["style_shift_with_trigger"] == report["style_shift_with_trigger"]
+    assert len(gram["parts"]) == 3  # one per encoder block
+    assert gram["style_shift_se"] >= 0 and gram["drift_se"] >= 0
     assert len(report["seeds"]) == len(report["prompts_with_trigger"]) == 4
     assert all(p.startswith("zkbands, ") for p in report["prompts_with_trigger"])
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from sdlora import load_config, train
 from sdlora.progress import VAL, best_line, best_step, checkpoint_grid, save_progress_plot
+from sdlora.report import SCORE_KEYS
 
 
 def _entry(step, val, shift=None, drift=None, lora=True):
@@ -101,8 +102,8 @@ def test_a_run_judges_each_checkpoint_and_copies_the_best(style_dir, tmp_path, c
     assert [e["lora"] for e in entries] == ["style-step000002.safetensors", "style.safetensors"]
     for e in entries:
         assert e["val_loss"] > 0 and e["eval_s"] > 0
-        assert isinstance(e["style_shift_with_trigger"], float)
-        assert isinstance(e["drift_without_trigger"], float)
+        for key in SCORE_KEYS:  # the VAE Gram's and the palette's
+            assert isinstance(e[key], float), key
     report = json.loads((out / "run.json").read_text())
     assert report["checkpoints"] == entries
     best = report["best_step"]
@@ -121,7 +122,7 @@ def test_without_report_images_checkpoints_have_no_style_scores(style_dir, tmp_p
     train(load_config(None, overrides), progress=False)
     entries = json.loads((out / "checkpoints.json").read_text())
     assert [e["step"] for e in entries] == [1, 2]
-    assert all(e["style_shift_with_trigger"] is None for e in entries)
+    assert all(e[key] is None for e in entries for key in SCORE_KEYS)
     best = json.loads((out / "run.json").read_text())["best_step"]
     assert best["why"].startswith("lowest validation loss")
     lowest = min(entries, key=lambda e: e["val_loss"])

@@ -54,8 +54,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from sdlora.generate import Generator, LoraSpec
+    from sdlora.generate import Generator
     from sdlora.models import load_base
+    from sdlora.prompts import LoraSpec
     from sdlora.report import (
         GRAM,
         PALETTE,

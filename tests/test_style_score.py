@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdlora.config import load_config
-from sdlora.generate import Generator, LoraSpec
+from sdlora.configfile import load_config
+from sdlora.generate import Generator
 from sdlora.gram import gram_features
 from sdlora.models import load_base
+from sdlora.prompts import LoraSpec
 from sdlora.report import (
     GRAM,
     PALETTE,

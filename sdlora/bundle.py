@@ -25,7 +25,8 @@ from pathlib import Path
 
 from sdlora.errors import SdloraError
 from sdlora.families import BASE_LABELS, FAMILIES, FAMILY_LABELS, LABEL_KEY, known_label
-from sdlora.lorafile import read_lora, sha256_after_header, trigger_words
+from sdlora.lorafile import read_lora, trigger_words
+from sdlora.stfile import sha256_after_header
 
 DIFFUSERS_FILE = "diffusers/pytorch_lora_weights.safetensors"
 MAX_PREVIEWS = 4

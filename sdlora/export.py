@@ -26,8 +26,8 @@ from sdlora.algos import ALGOS, DORA_FILE_TENSORS, network_args, network_module
 from sdlora.errors import SdloraError
 from sdlora.families import FAMILIES, LABEL_KEY, known_label
 from sdlora.lora import Lora, most_common
-from sdlora.lorafile import sha256_after_header
 from sdlora.naming import kohya_name
+from sdlora.stfile import sha256_after_header
 
 # Precision names sdlora takes (output.dtype, generate --dtype) and their torch dtypes.
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}

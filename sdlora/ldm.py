@@ -211,7 +211,7 @@ def save_merged(path: str | Path, generator, dtype: str = "fp16") -> Path:
     """Write a `Generator` whose LoRAs are fused as one original-layout checkpoint with
     ModelSpec metadata naming the LoRAs; the file appears whole or not at all."""
     from sdlora.export import DTYPES
-    from sdlora.lorafile import sha256_after_header
+    from sdlora.stfile import sha256_after_header
 
     path = Path(path)
     base = generator.base

@@ -30,8 +30,8 @@ from sdlora.families import (
     family_from_diffusers_config,
     family_from_width,
 )
-from sdlora.lorafile import PICKLE_SUFFIXES, load_state_dict, read_safetensors_header
 from sdlora.schedule import prediction_from_metadata, with_schedule
+from sdlora.stfile import PICKLE_SUFFIXES, load_state_dict, read_safetensors_header
 
 TINY_PREFIX = "tiny:"
 RANDOM_PREFIX = "random:"

@@ -184,7 +184,7 @@ def base_hash(base: Base) -> str:
 
 
 def _file_autov3(path: Path) -> str:
-    from sdlora.lorafile import sha256_after_header
+    from sdlora.stfile import sha256_after_header
 
     return sha256_after_header(path.read_bytes())[:12]
 

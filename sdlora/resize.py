@@ -18,7 +18,8 @@ import torch
 from sdlora.errors import SdloraError
 from sdlora.families import detect_lora_family
 from sdlora.lora import Lora, LoraModule, most_common
-from sdlora.lorafile import load_state_dict, lora_from_state_dict, require_finite
+from sdlora.lorafile import lora_from_state_dict, require_finite
+from sdlora.stfile import load_state_dict
 
 # Rank chosen per module by `dynamic` (capped at the rank asked for), as sd-scripts names them:
 # keep singular values down to σ_max / param; keep until Σσ reaches `param` of the total; keep

@@ -14,7 +14,8 @@ from sdlora.bundle import write_bundle
 from sdlora.cli import main
 from sdlora.errors import SdloraError
 from sdlora.export import build_metadata, save_kohya
-from sdlora.lorafile import read_lora, sha256_after_header
+from sdlora.lorafile import read_lora
+from sdlora.stfile import sha256_after_header
 
 # How A1111 reads the settings line of its infotext (modules/infotext_utils.py).
 SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

@@ -296,7 +296,7 @@ def parse_a1111(text: str) -> dict:
 
 
 def test_infotext_reads_back_in_a1111_with_lora_tags_and_hashes(loras, tmp_path):
-    from sdlora.lorafile import sha256_after_header
+    from sdlora.stfile import sha256_after_header
 
     out = tmp_path / "out"
     assert main(["generate", "--base", "tiny:sd1", "--lora", f"{loras['a']}:0.8", "--prompt",

@@ -14,10 +14,11 @@ from sdlora.cli import main
 from sdlora.export import build_metadata, save_lora
 from sdlora.generate import Generator
 from sdlora.lora import Lora, LoraModule
-from sdlora.lorafile import read_lora, sha256_after_header
+from sdlora.lorafile import read_lora
 from sdlora.models import load_base
 from sdlora.prompts import LoraSpec
 from sdlora.resize import resize_lora
+from sdlora.stfile import sha256_after_header
 
 
 def _delta(module: LoraModule) -> torch.Tensor:

@@ -4,7 +4,8 @@ ask for, filled in from the run.
 `write_bundle` makes, from a run folder (or a lone LoRA file):
 
     <name>.safetensors               the LoRA, kohya format, fp16 (A1111, ComfyUI, Forge, Civitai)
-    diffusers/pytorch_lora_weights.safetensors   the diffusers/peft form (`load_lora_weights`)
+    diffusers/pytorch_lora_weights.safetensors   the diffusers/peft form (`load_lora_weights`;
+                                     LoRA, LoCon and DoRA: diffusers reads no LoHa/LoKr)
     previews/NN_base.png, NN_lora.png            the run's sample prompts with the trigger, fixed
                                      seeds, base vs LoRA; A1111 generation data in each PNG
     README.md                        Hugging Face model card (YAML front matter + Markdown)
@@ -90,7 +91,9 @@ def write_bundle(
         from sdlora.export import save_lora
 
         kohya = save_lora(tmp / f"{name}.safetensors", lora, family, "kohya", metadata, "fp16")
-        save_lora(tmp / DIFFUSERS_FILE, lora, family, "diffusers", metadata, "fp16")
+        diffusers = all(m.algo == "lora" for _, _, m in lora.modules())
+        if diffusers:
+            save_lora(tmp / DIFFUSERS_FILE, lora, family, "diffusers", metadata, "fp16")
         shown = []
         if previews and base:
             prompts = preview_prompts(run["prompts"], triggers)
@@ -106,7 +109,7 @@ def write_bundle(
             "triggers": triggers, "weight": weight, "metadata": metadata, "base": base,
             "report": run["report"], "previews": shown,
             "license": license or BASE_LICENSES[family],
-            "figures": [f for f in COPIED if (tmp / f).is_file()],
+            "figures": [f for f in COPIED if (tmp / f).is_file()], "diffusers": diffusers,
         }  # fmt: skip
         (tmp / "README.md").write_text(model_card(**card), encoding="utf-8")
         civitai = civitai_fields(kohya, lora, card)
@@ -224,7 +227,19 @@ def civitai_fields(kohya: Path, lora, card: dict) -> dict:
 
 
 def model_card(
-    *, name, family, label, triggers, weight, metadata, base, report, previews, license, figures
+    *,
+    name,
+    family,
+    label,
+    triggers,
+    weight,
+    metadata,
+    base,
+    report,
+    previews,
+    license,
+    figures,
+    diffusers=True,
 ) -> str:
     """The Hub model card: YAML front matter (read by the Hub) and a Markdown body."""
     from huggingface_hub import ModelCardData
@@ -244,7 +259,7 @@ def model_card(
     )  # fmt: skip
     body = [f"# {name}", "", _description({"base": base, "label": label, "triggers": triggers,
                                           "weight": weight, "family": family})]  # fmt: skip
-    body += ["", "## Use it", "", *_usage(name, triggers, weight, hub_base)]
+    body += ["", "## Use it", "", *_usage(name, triggers, weight, hub_base, diffusers)]
     body += ["", "## Training", "", *_settings(metadata)]
     if report:
         body += ["", "## Learning report", "", *_report(report)]
@@ -273,17 +288,23 @@ def _description(card: dict) -> str:
     )
 
 
-def _usage(name: str, triggers: list[str], weight: float, hub_base: str) -> list[str]:
+def _usage(
+    name: str, triggers: list[str], weight: float, hub_base: str, diffusers: bool
+) -> list[str]:
     trigger = ", ".join(triggers)
     folder = Path(DIFFUSERS_FILE).parent
-    return [
+    lines = [
         f"- A1111 / Forge: put `{name}.safetensors` in `models/Lora`, then prompt "
         f"`{trigger}, ... <lora:{name}:{weight:g}>`",
         f"- ComfyUI: put it in `models/loras`; a LoraLoader node with `{name}.safetensors`, "
         f"strength {weight:g}, and `{trigger}` in the prompt",
-        f"- diffusers, on `{hub_base or 'the base'}`: "
-        f'`pipe.load_lora_weights("<this repo id or folder>", subfolder="{folder}")`',
     ]
+    if diffusers:
+        lines.append(
+            f"- diffusers, on `{hub_base or 'the base'}`: "
+            f'`pipe.load_lora_weights("<this repo id or folder>", subfolder="{folder}")`'
+        )
+    return lines
 
 
 def _settings(meta: dict[str, str]) -> list[str]:

@@ -144,3 +144,18 @@ def test_push_refuses_offline_and_unauthenticated(bundle, tmp_path, monkeypatch,
     assert "not logged in" in capsys.readouterr().err
     assert main(["push", str(tmp_path), "--repo", "someone/style", "--dry-run"]) == 2
     assert "is not a bundle" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_a_loha_or_lokr_bundle_holds_the_kohya_file_only(algo, tmp_path):
+    # diffusers reads no LoHa/LoKr layout: the bundle (also written at the end of a run) leaves
+    # its diffusers form and the card's diffusers line out instead of failing.
+    from test_comfy_keys import write
+
+    lora = write(tmp_path / "style.safetensors", "sd1", algo)
+    bundle = write_bundle(lora, tmp_path / "bundle", previews=False)
+    names = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+    assert names == ["README.md", "civitai.json", "t.safetensors"]  # named by ss_output_name
+    assert read_lora(bundle / "t.safetensors").count("unet") == read_lora(lora).count("unet")
+    _, body = front_matter((bundle / "README.md").read_text())
+    assert "ComfyUI" in body and "load_lora_weights" not in body

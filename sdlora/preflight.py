@@ -123,9 +123,7 @@ def tag_frequency(scan: Scan) -> dict[str, dict[str, int]]:
     """`{folder_name: {tag: count}}` over the captions, as sd-scripts records it."""
     counts: dict[str, dict[str, int]] = {}
     for example in scan.examples:
-        folder = example.path.parent
-        name = scan.root.name if folder == scan.root else relative_name(folder, scan.root)
-        tags = counts.setdefault(name, {})
+        tags = counts.setdefault(_folder_name(scan, example.path.parent), {})
         for tag in split_tags(example.caption.lower()):
             tags[tag] = tags.get(tag, 0) + 1
     return counts
@@ -135,9 +133,9 @@ def folder_counts(scan: Scan) -> dict[str, dict[str, int]]:
     """`{folder: {"n_repeats": r, "img_count": n}}` (sd-scripts' `ss_dataset_dirs`)."""
     dirs: dict[str, dict[str, int]] = {}
     for example in scan.examples:
-        folder = example.path.parent
-        name = scan.root.name if folder == scan.root else relative_name(folder, scan.root)
-        entry = dirs.setdefault(name, {"n_repeats": example.repeats, "img_count": 0})
+        entry = dirs.setdefault(
+            _folder_name(scan, example.path.parent), {"n_repeats": example.repeats, "img_count": 0}
+        )
         entry["img_count"] += 1
     return dirs
 
@@ -153,3 +151,8 @@ def _name(path: Path, scan: Scan) -> str:
         return printable(str(path.relative_to(scan.root)))
     except ValueError:
         return printable(str(path))
+
+
+def _folder_name(scan: Scan, folder) -> str:
+    """A folder as sd-scripts names it in its metadata: the root by its name, others by path."""
+    return scan.root.name if folder == scan.root else relative_name(folder, scan.root)

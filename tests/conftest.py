@@ -68,3 +68,24 @@ def random_lora(family: str = "sd1", rank: int = 4, alpha: float = 2.0, std: flo
     from sdlora.models import load_base
 
     return lora.random_lora(load_base(f"tiny:{family}"), rank, alpha, std, seed)
+
+
+def unet_output(unet):
+    """The UNet's output on fixed inputs (SDXL's added conditioning included), in float32."""
+    import torch
+
+    config = unet.config
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    text = torch.randn(1, 77, config.cross_attention_dim, generator=g)
+    added = None
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {
+            "text_embeds": torch.randn(1, pooled, generator=g),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
+        }
+    with torch.no_grad():
+        return unet.eval()(
+            latents, torch.tensor([400]), text, added_cond_kwargs=added
+        ).sample.float()

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, unet_output
 from safetensors import safe_open
 
 from sdlora import load_config, train
@@ -25,21 +25,7 @@ ALGOS = {
 
 
 def _unet_output(base) -> torch.Tensor:
-    """The UNet's output on fixed inputs (SDXL's added conditioning included)."""
-    config = base.unet.config
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, 8, 8, generator=g)
-    text = torch.randn(1, 77, config.cross_attention_dim, generator=g)
-    added = None
-    if config.addition_embed_type == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        added = {
-            "text_embeds": torch.randn(1, pooled, generator=g),
-            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
-        }
-    base.unet.eval()
-    with torch.no_grad():
-        return base.unet(latents, torch.tensor([400]), text, added_cond_kwargs=added).sample.float()
+    return unet_output(base.unet)
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_lora
+from conftest import random_lora, unet_output
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
@@ -21,23 +21,6 @@ from sdlora.models import load_base
 from sdlora.prompts import LoraSpec
 
 SUFFIXES = {"down": ".lora_down.weight", "up": ".lora_up.weight"}
-
-
-def _unet_output(unet) -> torch.Tensor:
-    """The UNet's output on fixed inputs (SDXL's added conditioning included)."""
-    config = unet.config
-    g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, 4, 8, 8, generator=g)
-    text = torch.randn(1, 77, config.cross_attention_dim, generator=g)
-    added = None
-    if config.addition_embed_type == "text_time":
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        added = {
-            "text_embeds": torch.randn(1, pooled, generator=g),
-            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]),
-        }
-    with torch.no_grad():
-        return unet.eval()(latents, torch.tensor([400]), text, added_cond_kwargs=added).sample
 
 
 def _te_output(encoder) -> torch.Tensor:
@@ -87,11 +70,11 @@ def test_simpletuner_lycoris_file_applies_as_the_same_kohya_file(family, tmp_pat
     kohya = tmp_path / "kohya.safetensors"
     save_lora(kohya, type(lora)(unet_only, family=family), family, "kohya", {}, "fp32")
     outputs = [
-        _unet_output(Generator.load(f"tiny:{family}", [LoraSpec(f)], device="cpu").base.unet)
+        unet_output(Generator.load(f"tiny:{family}", [LoraSpec(f)], device="cpu").base.unet)
         for f in (lycoris, kohya)
     ]
     assert (outputs[0] - outputs[1]).abs().max() <= 1e-6
-    assert (outputs[0] - _unet_output(load_base(f"tiny:{family}").unet)).abs().max() > 1e-3
+    assert (outputs[0] - unet_output(load_base(f"tiny:{family}").unet)).abs().max() > 1e-3
 
 
 def test_a_file_from_the_lycoris_library_itself_applies_as_lycoris_applies_it(tmp_path, capsys):
@@ -103,15 +86,15 @@ def test_a_file_from_the_lycoris_library_itself_applies_as_lycoris_applies_it(tm
     for name, param in network.named_parameters():
         if "lora_up" in name:
             torch.nn.init.normal_(param, std=0.05)
-    expected = _unet_output(base.unet)
+    expected = unet_output(base.unet)
     path = tmp_path / "pytorch_lora_weights.safetensors"
     network.save_weights(str(path), torch.float32, {"lycoris_config": json.dumps({"algo": "lora"})})
 
     lora = read_lora(path)
     assert lora.count("unet") == len(network.loras)  # every module of the file read
     applied = Generator.load("tiny:sd1", [LoraSpec(path)], device="cpu", dtype="fp32").base
-    assert (_unet_output(applied.unet) - expected).abs().max() <= 1e-4
-    assert (expected - _unet_output(load_base("tiny:sd1").unet)).abs().max() > 1e-2
+    assert (unet_output(applied.unet) - expected).abs().max() <= 1e-4
+    assert (expected - unet_output(load_base("tiny:sd1").unet)).abs().max() > 1e-2
     capsys.readouterr()  # LyCORIS logs to stdout
     assert main(["inspect", str(path), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["family"] == "sd1"
@@ -166,7 +149,7 @@ def test_diffusers_dora_file_applies_peft_dora_weights(tmp_path, capsys):
             assert (adapted_weight(module, weight) - merged).abs().max() <= 1e-5, path_
 
     applied = Generator.load("tiny:sd1", [LoraSpec(path)], device="cpu", dtype="fp32").base
-    assert (_unet_output(applied.unet) - _unet_output(tuned.unet)).abs().max() <= 1e-5
+    assert (unet_output(applied.unet) - unet_output(tuned.unet)).abs().max() <= 1e-5
     assert (_te_output(applied.text_encoder) - _te_output(tuned.text_encoder)).abs().max() <= 1e-5
     assert main(["inspect", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -89,3 +89,15 @@ def unet_output(unet):
         return unet.eval()(
             latents, torch.tensor([400]), text, added_cond_kwargs=added
         ).sample.float()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of micro-model work: its tensors are small, more threads only wait on each
+    other. Used by a module with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ AGREEMENT_PROMPTS = 48
 MINIMAL = ["model.base=tiny:sd1", "dataset.path=x", "dataset.trigger=zk"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The micro model's tensors are small: more threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

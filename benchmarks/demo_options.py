@@ -3,6 +3,11 @@
 
     python benchmarks/demo_options.py              # every row, two runs at a time
     python benchmarks/demo_options.py --jobs 1 --rows 0 1 2  # the demo, three seeds
+    python benchmarks/demo_options.py --row "train.lr_scheduler=cosine" --seeds 0 1 2
+
+With --seeds, every row runs once per training seed and a second table gives each row's
+mean and spread (largest minus smallest) over the seeds: how much the LoRA itself, not the
+report, changes from one run to the next. The report's prompts and seeds never change.
 
 Each row is a real `sdlora train` in its own process at one torch thread; wall time is the
 whole run (prior images, training, samples, report), so it grows when runs share the CPU.
@@ -69,10 +74,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
     parser.add_argument("--rows", type=int, nargs="*", help="row numbers (0 = the demo)")
-    args = parser.parse_args()
-    rows = [ROWS[i] for i in args.rows] if args.rows else ROWS
+    parser.add_argument(
+        "--row",
+        action="append",
+        default=[],
+        help="a row of your own: overrides separated by spaces (repeatable)",
+    )
+    parser.add_argument("--seeds", type=int, nargs="*", help="run every row at these train.seed")
+    parser.add_argument("--keep", help="write the runs here (default: a temporary folder)")
+    args = parser.parse_args()  # fmt: skip
+    rows = [ROWS[i] for i in args.rows or ()] + [r.split() for r in args.row]
+    rows = rows or ROWS
+    if args.seeds:
+        rows = [[*r, f"train.seed={s}"] for r in rows for s in args.seeds]
     with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda o: run(row_name(o), o, Path(tmp)), rows))
+        work = Path(args.keep or tmp)
+        results = list(pool.map(lambda o: run(row_name(o), o, work), rows))
     print("| run | wall | loop | samples/s | Gram shift | Gram drift | palette shift "
           "| palette drift |  (± standard error over the report's images)")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
@@ -88,6 +105,29 @@ def main() -> None:
         ]  # fmt: skip
         print(f"| {r['name']} | {r['wall']:.0f} s | {r['loop']:.0f} s | "
               f"{r['samples_per_s']:.1f} | {' | '.join(cells)} |")  # fmt: skip
+    if args.seeds and len(args.seeds) > 1:
+        print_spread(results, len(args.seeds))
+
+
+STATS = [(s, k) for s in ("vae_encoder_gram", "palette_histogram_4x4x4")
+         for k in ("style_shift_with_trigger", "drift_without_trigger")]  # fmt: skip
+
+
+def print_spread(results: list[dict], seeds: int) -> None:
+    """Per row: each statistic's mean over the seeds and its spread (max - min)."""
+    print("\n| row | Gram shift | Gram drift | palette shift | palette drift |  "
+          "(mean, spread = largest - smallest over the seeds)")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for start in range(0, len(results), seeds):
+        group = [r for r in results[start : start + seeds] if "error" not in r]
+        if not group:
+            continue
+        name = group[0]["name"].rsplit(" train.seed=", 1)[0]
+        cells = []
+        for stat, key in STATS:
+            values = [r["statistics"][stat][key] for r in group]
+            cells.append(f"{sum(values) / len(values):.2f}, {max(values) - min(values):.2f}")
+        print(f"| {name} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def print_spread(results: list[dict], seeds: int) -> None:
         group = [r for r in results[start : start + seeds] if "error" not in r]
         if not group:
             continue
-        name = group[0]["name"].rsplit(" train.seed=", 1)[0]
+        name = group[0]["name"].rsplit("train.seed=", 1)[0].strip() or "demo"
         cells = []
         for stat, key in STATS:
             values = [r["statistics"][stat][key] for r in group]

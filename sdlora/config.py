@@ -23,6 +23,7 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 ATTENTIONS = ("sdpa", "xformers")
 LR_SCHEDULERS = ("constant", "cosine", "cosine_with_restarts", "linear", "polynomial")
+PRIOR_TARGETS = ("noise", "base")
 UNET_TARGETS = ("attention", "attention+ff", "all-linear")
 SAVE_DTYPES = ("fp16", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -346,6 +347,14 @@ class TrainConfig:
     """Prior preservation: images the base draws for the captions without the trigger (0: off)."""
     prior_weight: float = 1.0
     """Weight of the loss on the prior-preservation images beside the style images' loss."""
+    prior_target: str = "noise"
+    """What the LoRA fits on the prior images: `noise` (DreamBooth: the noise added, as on the
+    style images) or `base` (the base model's own prediction for the same noisy image and
+    caption, the adapters off: exactly "change nothing", with no noise in the target)."""
+    prior_unconditional: float = 0.0
+    """Share of the prior images fit under the empty prompt instead of their own caption: the
+    unconditional prediction, which classifier-free guidance uses in every sample, with or
+    without the trigger, then stays as the base has it too (0: never)."""
     clip_skip: int | None = None
     """Condition on the text encoder's N-th layer from the end, as A1111's "Clip skip" (2 for
     bases trained that way, e.g. anime SD 1.x models); SDXL always uses the penultimate layer."""
@@ -390,6 +399,12 @@ class TrainConfig:
             raise SdloraError("train.warmup_steps, max_grad_norm and weight_decay must be >= 0")
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _check_choice("train.prior_target", self.prior_target, PRIOR_TARGETS)
+        if not 0 <= self.prior_unconditional <= 1:
+            raise SdloraError(
+                f"train.prior_unconditional is a share of the prior images, between 0 and 1; "
+                f"got {self.prior_unconditional}"
+            )
         _check_choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISIONS)
         _check_choice("train.device", self.device, DEVICES)
         if self.clip_skip is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -373,3 +374,17 @@ def resolve_path(names: set[str], path: str) -> str:
 def _exact(path: str) -> str:
     """A peft pattern for this module path (peft anchors it at a name boundary and the end)."""
     return re.escape(path)
+
+
+@contextmanager
+def adapters_off(layers: list[BaseTunerLayer]):
+    """The model of `layers` (its `lora_layers`) as its base inside the block: every adapter
+    layer off, then on again (peft turns the adapters' requires_grad off and back on with
+    them). Taking the layers, not the model, saves a walk over every module each time."""
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

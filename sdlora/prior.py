@@ -8,6 +8,14 @@ LoRA to "change nothing" wherever the trigger is absent.
 
 The images are kept as latents (the pipeline's own output, in the UNet's scaled latent space),
 so no VAE round trip is needed.
+
+What the LoRA fits on them (`train.prior_target`) is either the noise that was added, as on
+the style images (DreamBooth), or the base model's own prediction for the same noisy latent
+and caption (`base`). The noise target pins the LoRA to the base only on average over many
+steps, so each step pulls it a random way; the base's prediction is what "change nothing"
+means at every step, so its loss is zero exactly when the LoRA leaves the prompt alone. It
+costs one more UNet forward pass (without gradients) per prior batch, and keeps the base's
+text conditioning of the prior captions, computed once before training.
 """
 
 from __future__ import annotations
@@ -27,11 +35,28 @@ class PriorSet:
 
     latents: torch.Tensor  # (N, 4, h, w), scaled like training latents
     captions: list[str]
+    base_text: dict[str, tuple] | None = None
+    """The base's text conditioning (hidden (77, width), pooled or None) per caption, for the
+    `base` target; None for the noise target."""
 
-    def batch(self, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
-        """`size` random examples (with replacement)."""
+    def batch(
+        self, size: int, generator: torch.Generator, unconditional: float = 0.0
+    ) -> tuple[torch.Tensor, list[str]]:
+        """`size` random examples (with replacement), each captioned with the empty prompt
+        instead of its own with probability `unconditional`."""
         idx = torch.randint(0, len(self.captions), (size,), generator=generator)
-        return self.latents[idx], [self.captions[i] for i in idx.tolist()]
+        captions = [self.captions[i] for i in idx.tolist()]
+        if unconditional > 0:  # (no draw at 0: the stream stays as it was)
+            empty = (torch.rand(size, generator=generator) < unconditional).tolist()
+            captions = ["" if e else c for c, e in zip(captions, empty, strict=True)]
+        return self.latents[idx], captions
+
+    def base_conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The base's text conditioning of `captions` (prior captions): (B, 77, width) and
+        pooled (B, width_2) or None."""
+        rows = [self.base_text[c] for c in captions]
+        pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
+        return torch.stack([r[0] for r in rows]), pooled
 
 
 def generate_prior(

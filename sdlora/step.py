@@ -22,6 +22,7 @@ from sdlora.checkpoint import Rngs
 from sdlora.config import DatasetConfig, TrainConfig
 from sdlora.dataset import Scan
 from sdlora.errors import SdloraError
+from sdlora.lora import adapters_off, lora_layers
 from sdlora.masks import load_mask
 from sdlora.models import Base
 from sdlora.prior import PriorSet
@@ -41,6 +42,7 @@ def diffusion_loss(
     huber_c: float = 0.1,
     debiased: bool = False,
     mask: torch.Tensor | None = None,  # (B, 1, H/8, W/8) in [0, 1]
+    target_unet=None,
 ) -> torch.Tensor:
     """Error between the UNet's prediction and its target (ε or v), averaged over the batch.
 
@@ -50,11 +52,19 @@ def diffusion_loss(
     With `debiased`, by 1 / √SNR (ε) or 1 / (SNR + 1) (v), SNR capped at 1000, as sd-scripts'
     debiased estimation. With `mask`, each element's error is multiplied by the mask (masked
     loss: 0 where the image does not count), then averaged as before, as sd-scripts does.
+
+    `target_unet(noisy, timesteps)`, when given, is the prediction to match instead of ε or v
+    (prior preservation against the base model's own prediction).
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    pred = unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
     v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-    target = noise_scheduler.get_velocity(latents, noise, timesteps) if v_prediction else noise
+    if target_unet is not None:  # first: it switches the adapters off and on again
+        target = target_unet(noisy, timesteps)
+    elif v_prediction:
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    pred = unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
     error = elementwise_loss(pred.float(), target.float(), loss, huber_c)
     if mask is not None:
         error = error * mask
@@ -249,6 +259,7 @@ class Stepper:
         self.text_for, self.prior, self.rngs, self.c_train = text_for, prior, rngs, c_train
         self.models = list(trained.values())
         self.device = accelerator.device
+        self.unet_layers = list(lora_layers(base.unet).values())  # for the base's prediction
 
     def forward_backward(self, batches: list[Batch], step: int) -> float:
         """Loss over `batches` (the step's gradient-accumulation batches), gradients summed
@@ -315,17 +326,29 @@ class Stepper:
     def _prior_loss(self, size: int) -> torch.Tensor:
         """`diffusion_loss` on `size` base-drawn prior images under their own captions."""
         generator = self.rngs.prior
-        latents, captions = self.prior.batch(size, generator)
+        latents, captions = self.prior.batch(size, generator, self.c_train.prior_unconditional)
         latents = latents.to(self.device)  # (B, 4, h, w)
         text, pooled = self.text_for(captions)
         noise = torch.randn(latents.shape, generator=generator).to(self.device)
         steps = self.base.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (size,), generator=generator).to(self.device)
         h, w = (side * vae_scale(self.base) for side in latents.shape[-2:])
-        cond = added_cond(self.base, pooled, [(h, w, 0, 0, h, w)] * size, self.device)
+        geometry = [(h, w, 0, 0, h, w)] * size
+        cond = added_cond(self.base, pooled, geometry, self.device)
+        target_unet = None
+        if self.prior.base_text is not None:
+            base_text, base_pooled = self.prior.base_conditioning(captions)
+            base_cond = added_cond(self.base, base_pooled, geometry, self.device)
+
+            def target_unet(noisy, t):  # the base's prediction: every adapter off
+                with torch.no_grad(), adapters_off(self.unet_layers):
+                    out = self.base.unet(noisy, t, base_text.to(self.device),
+                                         added_cond_kwargs=base_cond).sample  # fmt: skip
+                return out
+
         return diffusion_loss(
             self.unet, self.base.scheduler, latents, text, noise, timesteps, cond,
-            loss=self.c_train.loss, huber_c=self.c_train.huber_c,
+            loss=self.c_train.loss, huber_c=self.c_train.huber_c, target_unet=target_unet,
         )  # fmt: skip
 
     def _sync(self, last: bool):

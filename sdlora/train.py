@@ -157,7 +157,7 @@ def train(
     )
 
     # Prior preservation: the base's own images for the captions without the trigger.
-    prior = draw_prior(base, config, scan) if c_train.prior_images else None
+    prior = draw_prior(base, config, scan, device) if c_train.prior_images else None
     if prior is not None:
         say(f"  prior preservation: {len(prior.captions)} images drawn by the base")
 
@@ -424,9 +424,10 @@ def start_from_lora(base: Base, path: Path) -> None:
                     magnitude.copy_(module.extra["dora_scale"].reshape(magnitude.shape))
 
 
-def draw_prior(base: Base, config: Config, scan: Scan) -> PriorSet:
+def draw_prior(base: Base, config: Config, scan: Scan, device) -> PriorSet:
     """`train.prior_images` images drawn by the base itself (adapters off) for the training
-    captions without the trigger."""
+    captions without the trigger, and the base's text conditioning of those captions for
+    the `base` prior target."""
     set_adapters(base, False)
     prior = generate_prior(
         base,
@@ -438,6 +439,13 @@ def draw_prior(base: Base, config: Config, scan: Scan) -> PriorSet:
         cfg=config.sample.cfg,
         size=config.dataset.resolution,
     )
+    if config.train.prior_target == "base":  # the base's conditioning, adapters still off
+        unique = sorted({*prior.captions, ""})
+        with torch.no_grad():
+            hidden, pooled = encode_text(base, unique, device, clip_skip=config.train.clip_skip)
+        prior.base_text = {
+            c: (hidden[i], None if pooled is None else pooled[i]) for i, c in enumerate(unique)
+        }
     set_adapters(base, True)
     return prior
 

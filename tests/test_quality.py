@@ -269,3 +269,52 @@ def test_a_run_with_a_mask_trains_and_a_broken_mask_is_named(style_dir, tmp_path
     example = next(e for e in scan.examples if e.mask)
     with pytest.raises(SdloraError, match="wide.mask.png: the loss mask cannot be read"):
         load_mask(example.mask, example.size, example.bucket, (0, 0), False, (8, 8))
+
+
+def test_target_unet_replaces_the_noise_as_target():
+    noise, pred, target = (torch.randn(2, 4, 8, 8) for _ in range(3))
+    loss = _loss(pred, noise, torch.tensor([10, 500]), target_unet=lambda noisy, t: target)
+    assert torch.allclose(loss, ((pred - target) ** 2).mean())
+
+
+def _prior_stepper(prior_target: str):
+    """A Stepper on tiny:sd1 with a fresh UNet LoRA and four random prior latents."""
+    from accelerate import Accelerator
+
+    from sdlora.cache import TextCache
+    from sdlora.checkpoint import Rngs
+    from sdlora.lora import UNET_ATTENTION, inject_lora
+    from sdlora.models import load_base
+    from sdlora.prior import PriorSet
+    from sdlora.step import Stepper, encode_text
+
+    base = load_base("tiny:sd1")
+    inject_lora(base.unet, 4, 4.0, UNET_ATTENTION)
+    captions = ["a red circle", "a blue square"] * 2
+    prior = PriorSet(torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)), captions)
+    if prior_target == "base":
+        hidden, _ = encode_text(base, sorted(set(captions)), "cpu")
+        prior.base_text = {c: (hidden[i], None) for i, c in enumerate(sorted(set(captions)))}
+    config = load_config(None, ["model.base=tiny:sd1", "dataset.path=x", "dataset.trigger=t",
+                                "train.prior_images=4",
+                                f"train.prior_target={prior_target}"]).train  # fmt: skip
+    text_for = TextCache(lambda c: encode_text(base, c, "cpu"))
+    stepper = Stepper(base, Accelerator(cpu=True), {"unet": base.unet}, text_for, prior,
+                      Rngs.seeded(0), config)  # fmt: skip
+    return base, stepper
+
+
+def test_prior_target_base_is_zero_exactly_while_the_lora_changes_nothing():
+    base, stepper = _prior_stepper("base")
+    lora = [p for n, p in base.unet.named_parameters() if "lora_" in n]
+    assert stepper._prior_loss(4).item() == 0.0  # lora_B starts at zero: the base itself
+    _, noise_stepper = _prior_stepper("noise")
+    assert noise_stepper._prior_loss(4).item() > 0.01  # the noise target is never met
+    with torch.no_grad():
+        for p in lora:
+            p.add_(torch.randn_like(p) * 0.1)
+    loss = stepper._prior_loss(4)
+    loss.backward()
+    assert loss.item() > 0
+    assert all(p.requires_grad for p in lora)  # switched back on after the base's pass
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -57,14 +57,35 @@ def diffusion_loss(
     (prior preservation against the base model's own prediction).
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-    if target_unet is not None:  # first: it switches the adapters off and on again
-        target = target_unet(noisy, timesteps)
-    elif v_prediction:
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
+    target = loss_target(noise_scheduler, latents, noise, timesteps, noisy, target_unet)
     pred = unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
+    return prediction_loss(pred, target, noise_scheduler, timesteps, min_snr_gamma, loss,
+                           huber_c, debiased, mask)  # fmt: skip
+
+
+def loss_target(noise_scheduler, latents, noise, timesteps, noisy, target_unet=None):
+    """What the UNet should predict for `noisy`: `target_unet(noisy, timesteps)` when given
+    (it runs first: it switches the adapters off and on again), else v or ε."""
+    if target_unet is not None:
+        return target_unet(noisy, timesteps)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    return noise
+
+
+def prediction_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    noise_scheduler,
+    timesteps: torch.Tensor,
+    min_snr_gamma: float | None = None,
+    loss: str = "mse",
+    huber_c: float = 0.1,
+    debiased: bool = False,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`diffusion_loss` from the UNet's prediction `pred` (B, C, h, w) and its `target`."""
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
     error = elementwise_loss(pred.float(), target.float(), loss, huber_c)
     if mask is not None:
         error = error * mask
@@ -200,6 +221,25 @@ class Batch:
     masks: torch.Tensor | None = None  # (B, 1, H/8, W/8) when an example has a loss mask
 
 
+@dataclass
+class Part:
+    """Images of one UNet pass with their own loss: the style batch, or prior images."""
+
+    latents: torch.Tensor  # (B, 4, h, w) on the device
+    text: torch.Tensor  # (B, 77, width)
+    noise: torch.Tensor
+    timesteps: torch.Tensor  # (B,)
+    cond: dict | None  # SDXL's added conditioning
+    options: dict  # prediction_loss's loss options
+    weight: float = 1.0
+    target_unet: object = None  # the base's prediction, for the prior's `base` target
+    names: list[str] = field(default_factory=list)  # for error messages
+
+
+def _same_shape(parts: list[Part]) -> bool:
+    return len({p.latents.shape[1:] for p in parts}) == 1
+
+
 def assemble_batch(
     scan: Scan, idx: list[int], latents: LatentCache, c_data: DatasetConfig, rng
 ) -> Batch:
@@ -264,25 +304,30 @@ class Stepper:
     def forward_backward(self, batches: list[Batch], step: int) -> float:
         """Loss over `batches` (the step's gradient-accumulation batches), gradients summed
         into the LoRA parameters; returns the mean loss of this process. With prior
-        preservation each batch also fits as many prior images, in a backward pass of its own."""
-        parts = (False, True) if self.prior is not None else (False,)
-        passes = [(batch, is_prior) for batch in batches for is_prior in parts]
+        preservation each batch also fits as many prior images: on the CPU in the same UNet
+        pass when their sizes match (one pass of 2B images costs little more than one of B
+        there), on a GPU in a backward pass of its own (the peak memory of one batch)."""
+        passes = []
+        for batch in batches:
+            parts = [self._style_part(batch)]
+            if self.prior is not None:
+                parts.append(self._prior_part(len(batch.names)))
+            joint = self.device.type == "cpu" and _same_shape(parts)
+            passes += [parts] if joint else [[part] for part in parts]
         total = 0.0
-        for n, (batch, is_prior) in enumerate(passes):
+        for n, parts in enumerate(passes):
             with (
                 self._sync(last=n == len(passes) - 1),
                 training_autocast(self.accelerator, self.models),
                 out_of_memory_advice(step),
             ):
-                if is_prior:
-                    loss = self.c_train.prior_weight * self._prior_loss(len(batch.names))
-                else:
-                    loss = self._style_loss(batch)
+                loss = self._loss(parts)
                 self.accelerator.backward(loss / len(batches))
             total += loss.item() / len(batches)
             if not math.isfinite(total):
+                names = [name for part in parts for name in part.names]
                 raise SdloraError(
-                    f"loss became {total} at step {step} (batch: {', '.join(batch.names)}); "
+                    f"loss became {total} at step {step} (batch: {', '.join(names)}); "
                     "nothing was saved from this step. Lower train.lr or use "
                     "train.mixed_precision=no, then resume from the last checkpoint"
                 )
@@ -300,7 +345,28 @@ class Stepper:
             self.ema.step()
         return float(grad_norm)
 
-    def _style_loss(self, batch: Batch) -> torch.Tensor:
+    def _loss(self, parts: list[Part]) -> torch.Tensor:
+        """The parts' weighted losses, summed, from one UNet call on all their images."""
+        scheduler = self.base.scheduler
+        noisy = [scheduler.add_noise(p.latents, p.noise, p.timesteps) for p in parts]
+        targets = [  # before the call: a base target switches the adapters off and on
+            loss_target(scheduler, p.latents, p.noise, p.timesteps, x, p.target_unet)
+            for p, x in zip(parts, noisy, strict=True)
+        ]
+        cond = None
+        if parts[0].cond is not None:  # SDXL: pooled text and time ids, side by side
+            cond = {k: torch.cat([p.cond[k] for p in parts]) for k in parts[0].cond}
+        timesteps = torch.cat([p.timesteps for p in parts])
+        noisy = torch.cat([x.to(parts[0].latents.dtype) for x in noisy])
+        text = torch.cat([p.text for p in parts])
+        pred = self.unet(noisy, timesteps, text, added_cond_kwargs=cond).sample
+        preds = pred.split([len(p.timesteps) for p in parts])
+        return sum(
+            p.weight * prediction_loss(y, t, scheduler, p.timesteps, **p.options)
+            for p, y, t in zip(parts, preds, targets, strict=True)
+        )
+
+    def _style_part(self, batch: Batch) -> Part:
         text, pooled = self.text_for(batch.captions)
         latents = batch.latents.to(self.device)  # (B, 4, H/8, W/8), one bucket
         c = self.c_train
@@ -308,23 +374,18 @@ class Stepper:
                            c.multires_noise_iterations, c.multires_noise_discount)  # fmt: skip
         steps = self.base.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (len(batch.names),), generator=self.rngs.noise)
-        return diffusion_loss(
-            self.unet,
-            self.base.scheduler,
-            latents,
-            text,
-            noise.to(self.device),
-            timesteps.to(self.device),
-            added_cond(self.base, pooled, batch.geometry, self.device),
-            min_snr_gamma=self.c_train.min_snr_gamma,
-            loss=self.c_train.loss,
-            huber_c=self.c_train.huber_c,
-            debiased=self.c_train.debiased_estimation,
+        options = dict(
+            min_snr_gamma=c.min_snr_gamma, loss=c.loss, huber_c=c.huber_c,
+            debiased=c.debiased_estimation,
             mask=batch.masks.to(self.device) if batch.masks is not None else None,
-        )
+        )  # fmt: skip
+        return Part(latents, text, noise.to(self.device), timesteps.to(self.device),
+                    added_cond(self.base, pooled, batch.geometry, self.device), options,
+                    names=batch.names)  # fmt: skip
 
-    def _prior_loss(self, size: int) -> torch.Tensor:
-        """`diffusion_loss` on `size` base-drawn prior images under their own captions."""
+    def _prior_part(self, size: int) -> Part:
+        """`size` base-drawn prior images under their own captions (or the empty prompt),
+        weighted by `train.prior_weight`; their target is the noise or the base's prediction."""
         generator = self.rngs.prior
         latents, captions = self.prior.batch(size, generator, self.c_train.prior_unconditional)
         latents = latents.to(self.device)  # (B, 4, h, w)
@@ -346,10 +407,10 @@ class Stepper:
                                          added_cond_kwargs=base_cond).sample  # fmt: skip
                 return out
 
-        return diffusion_loss(
-            self.unet, self.base.scheduler, latents, text, noise, timesteps, cond,
-            loss=self.c_train.loss, huber_c=self.c_train.huber_c, target_unet=target_unet,
-        )  # fmt: skip
+        options = dict(loss=self.c_train.loss, huber_c=self.c_train.huber_c)
+        names = [f"prior image ({c or 'empty prompt'})" for c in captions]
+        return Part(latents, text, noise, timesteps, cond, options, self.c_train.prior_weight,
+                    target_unet, names)  # fmt: skip
 
     def _sync(self, last: bool):
         """No gradient synchronisation across processes except on the last backward pass."""

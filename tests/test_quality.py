@@ -307,14 +307,75 @@ def _prior_stepper(prior_target: str):
 def test_prior_target_base_is_zero_exactly_while_the_lora_changes_nothing():
     base, stepper = _prior_stepper("base")
     lora = [p for n, p in base.unet.named_parameters() if "lora_" in n]
-    assert stepper._prior_loss(4).item() == 0.0  # lora_B starts at zero: the base itself
+    assert (
+        stepper._loss([stepper._prior_part(4)]).item() == 0.0
+    )  # lora_B starts at zero: the base itself
     _, noise_stepper = _prior_stepper("noise")
-    assert noise_stepper._prior_loss(4).item() > 0.01  # the noise target is never met
+    assert (
+        noise_stepper._loss([noise_stepper._prior_part(4)]).item() > 0.01
+    )  # the noise target is never met
     with torch.no_grad():
         for p in lora:
             p.add_(torch.randn_like(p) * 0.1)
-    loss = stepper._prior_loss(4)
+    loss = stepper._loss([stepper._prior_part(4)])
     loss.backward()
     assert loss.item() > 0
     assert all(p.requires_grad for p in lora)  # switched back on after the base's pass
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora)
+
+
+def test_prior_batches_caption_a_share_with_the_empty_prompt():
+    from sdlora.prior import PriorSet
+
+    prior = PriorSet(torch.zeros(3, 4, 8, 8), ["a", "b", "c"])
+    _, captions = prior.batch(2000, torch.Generator().manual_seed(0), unconditional=0.25)
+    assert captions.count("") / 2000 == pytest.approx(0.25, abs=0.03)
+    assert {"a", "b", "c"} <= set(captions)
+    _, plain = prior.batch(8, torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(1))
+    assert plain == [prior.captions[i] for i in idx.tolist()]  # off: the stream is unchanged
+
+
+def test_prior_options_are_checked(style_dir):
+    minimal = [f"dataset.path={style_dir}", "dataset.trigger=zk", "model.base=tiny:sd1"]
+    with pytest.raises(SdloraError, match="train.prior_target"):
+        load_config(None, [*minimal, "train.prior_target=class"])
+    with pytest.raises(SdloraError, match="train.prior_unconditional.*1.5"):
+        load_config(None, [*minimal, "train.prior_unconditional=1.5"])
+
+
+def test_base_target_prior_trains_sdxl_with_the_empty_prompt(style_dir, tmp_path):
+    overrides = tiny_overrides(style_dir, tmp_path / "run", steps=2) + [
+        "model.base=tiny:sdxl", "train.prior_images=2", "train.prior_target=base",
+        "train.prior_unconditional=0.5", "sample.prompts=[]", "sample.report_images=0",
+    ]  # fmt: skip
+    result = train(load_config(None, overrides), progress=False)
+    assert len(result.losses) == 2 and all(0 < loss < 10 for loss in result.losses)
+
+
+def test_one_pass_of_style_and_prior_images_equals_two():
+    from sdlora.checkpoint import Rngs
+    from sdlora.step import Batch
+
+    base, stepper = _prior_stepper("base")
+    lora = [p for n, p in base.unet.named_parameters() if "lora_" in n]
+    with torch.no_grad():
+        for p in lora:
+            p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(3)) * 0.1)
+    batch = Batch(torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(4)),
+                  ["zk, a circle"] * 4, [(64, 64, 0, 0, 64, 64)] * 4, ["a.png"] * 4)  # fmt: skip
+
+    def loss_and_grads(joint: bool):
+        stepper.rngs = Rngs.seeded(0)
+        parts = [stepper._style_part(batch), stepper._prior_part(4)]
+        losses = [stepper._loss(parts)] if joint else [stepper._loss([p]) for p in parts]
+        loss = sum(losses)
+        loss.backward()
+        grads = [p.grad.clone() for p in lora]
+        for p in lora:
+            p.grad = None
+        return loss.item(), grads
+
+    joint, separate = loss_and_grads(True), loss_and_grads(False)
+    assert joint[0] == pytest.approx(separate[0], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(joint[1], separate[1], strict=True))

@@ -347,11 +347,11 @@ class TrainConfig:
     """Prior preservation: images the base draws for the captions without the trigger (0: off)."""
     prior_weight: float = 1.0
     """Weight of the loss on the prior-preservation images beside the style images' loss."""
-    prior_target: str = "noise"
-    """What the LoRA fits on the prior images: `noise` (DreamBooth: the noise added, as on the
-    style images) or `base` (the base model's own prediction for the same noisy image and
-    caption, the adapters off: exactly "change nothing", with no noise in the target)."""
-    prior_unconditional: float = 0.0
+    prior_target: str = "base"
+    """What the LoRA fits on the prior images: `base` (the base model's own prediction for the
+    same noisy image and caption, the adapters off: exactly "change nothing", with no noise in
+    the target) or `noise` (DreamBooth: the noise added, as on the style images)."""
+    prior_unconditional: float = 0.5
     """Share of the prior images fit under the empty prompt instead of their own caption: the
     unconditional prediction, which classifier-free guidance uses in every sample, with or
     without the trigger, then stays as the base has it too (0: never)."""

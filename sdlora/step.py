@@ -236,10 +236,6 @@ class Part:
     names: list[str] = field(default_factory=list)  # for error messages
 
 
-def _same_shape(parts: list[Part]) -> bool:
-    return len({p.latents.shape[1:] for p in parts}) == 1
-
-
 def assemble_batch(
     scan: Scan, idx: list[int], latents: LatentCache, c_data: DatasetConfig, rng
 ) -> Batch:
@@ -307,20 +303,19 @@ class Stepper:
         preservation each batch also fits as many prior images: on the CPU in the same UNet
         pass when their sizes match (one pass of 2B images costs little more than one of B
         there), on a GPU in a backward pass of its own (the peak memory of one batch)."""
-        passes = []
+        kinds = ("style", "prior") if self.prior is not None else ("style",)
+        passes = []  # (batch, the parts of one UNet pass)
         for batch in batches:
-            parts = [self._style_part(batch)]
-            if self.prior is not None:
-                parts.append(self._prior_part(len(batch.names)))
-            joint = self.device.type == "cpu" and _same_shape(parts)
-            passes += [parts] if joint else [[part] for part in parts]
+            joint = self.device.type == "cpu" and self._prior_fits(batch)
+            passes += [(batch, kinds)] if joint else [(batch, (kind,)) for kind in kinds]
         total = 0.0
-        for n, parts in enumerate(passes):
+        for n, (batch, pass_kinds) in enumerate(passes):
             with (
                 self._sync(last=n == len(passes) - 1),
                 training_autocast(self.accelerator, self.models),
                 out_of_memory_advice(step),
             ):
+                parts = [self._part(kind, batch) for kind in pass_kinds]
                 loss = self._loss(parts)
                 self.accelerator.backward(loss / len(batches))
             total += loss.item() / len(batches)
@@ -344,6 +339,15 @@ class Stepper:
         if self.ema is not None:
             self.ema.step()
         return float(grad_norm)
+
+    def _prior_fits(self, batch: Batch) -> bool:
+        """Whether prior images can share `batch`'s UNet pass: there are some, of its size."""
+        return self.prior is not None and self.prior.latents.shape[1:] == batch.latents.shape[1:]
+
+    def _part(self, kind: str, batch: Batch) -> Part:
+        if kind == "style":
+            return self._style_part(batch)
+        return self._prior_part(len(batch.names))
 
     def _loss(self, parts: list[Part]) -> torch.Tensor:
         """The parts' weighted losses, summed, from one UNet call on all their images."""

@@ -441,7 +441,7 @@ def test_cpu_out_of_memory_is_one_line_with_what_to_lower(style_dir, tmp_path, m
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't "
                            "allocate memory: you tried to allocate 274877906944 bytes.")  # fmt: skip
 
-    monkeypatch.setattr(sys.modules["sdlora.step"].Stepper, "_loss", allocator_fails)  # the step's pass
+    monkeypatch.setattr(sys.modules["sdlora.step"].Stepper, "_loss", allocator_fails)
     config = load_config(None, tiny_overrides(style_dir, tmp_path / "run", 2))
     with pytest.raises(SdloraError, match="out of memory at step 1: lower train.batch_size"):
         train(config, progress=False)

@@ -39,7 +39,9 @@ def best_step(
     1. validation loss not rising: leave out a checkpoint whose validation loss is more than
        `val_rise` (relative) above the lowest of the checkpoints up to it;
     2. style behind the trigger: leave out a checkpoint whose drift without the trigger is
-       above `drift_limit` (when every one is, keep those within `margin` of the least drift);
+       beyond `drift_limit` either way (towards the style, or away from it: both change the
+       prompts without the trigger); when every one is, keep those within `margin` of the
+       least drift;
     3. strong style: of those left, the strongest style shift with the trigger; shifts within
        `margin` of it count as equally strong (the probe's few images are noisy), and of those
        the lowest validation loss is taken (the earliest of equal ones).
@@ -60,12 +62,12 @@ def best_step(
         low = min(e["val_loss"] for e in candidates)
         chosen = next(e for e in candidates if e["val_loss"] == low)
         return chosen, f"lowest validation loss ({why[0]}; no style scores)"
-    tame = [e for e in candidates if e["drift_without_trigger"] <= drift_limit]
+    tame = [e for e in candidates if abs(e["drift_without_trigger"]) <= drift_limit]
     if tame:
-        why.append(f"drift <= {drift_limit:g}")
+        why.append(f"|drift| <= {drift_limit:g}")
     else:
-        least = min(e["drift_without_trigger"] for e in candidates)
-        tame = [e for e in candidates if e["drift_without_trigger"] <= least + margin]
+        least = min(abs(e["drift_without_trigger"]) for e in candidates)
+        tame = [e for e in candidates if abs(e["drift_without_trigger"]) <= least + margin]
         why.append(f"every checkpoint drifts over {drift_limit:g}: the least drift")
     strongest = max(e["style_shift_with_trigger"] for e in tame)
     strong = [e for e in tame if e["style_shift_with_trigger"] >= strongest - margin]

@@ -30,7 +30,18 @@ def test_the_rule_takes_strong_style_without_drift_or_rising_validation():
     ]
     chosen, why = best_step(entries)
     assert chosen["step"] == 200
-    assert why == "strongest style with the trigger (validation loss not rising, drift <= 0.1)"
+    assert why == "strongest style with the trigger (validation loss not rising, |drift| <= 0.1)"
+
+
+def test_a_drift_away_from_the_style_counts_as_drift():
+    entries = [
+        _entry(100, 1.00, 0.70, 0.02),
+        _entry(200, 0.90, 0.95, -0.30),  # strongest, but redraws prompts without the trigger
+    ]
+    assert best_step(entries)[0]["step"] == 100
+    everywhere = [_entry(100, 1.0, 0.9, -0.40), _entry(200, 0.9, 0.6, 0.15)]
+    chosen, why = best_step(everywhere)
+    assert chosen["step"] == 200 and "the least drift" in why
 
 
 def test_equally_strong_styles_go_to_the_lower_validation_loss():
@@ -71,7 +82,7 @@ def test_the_best_line_says_why_in_one_line():
     assert "\n" not in line
     assert line.startswith("best step: 200 — style 0.81, drift 0.03, val loss 0.9 (+12.5% over ")
     assert line.endswith("; chosen for: strongest style with the trigger (validation loss not "
-                         "rising, drift <= 0.1)")  # fmt: skip
+                         "rising, |drift| <= 0.1)")  # fmt: skip
 
 
 def test_progress_plot_and_checkpoint_grid(tmp_path):

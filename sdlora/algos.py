@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig
 
 
 def low_rank_delta(down: torch.Tensor, up: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -111,8 +110,9 @@ class Algo:
     """The rank alpha is divided by (None: the update is not scaled)."""
     module: str
     """The algo of its modules: `lora` for LoCon, whose modules are LoRA's."""
-    peft_config: type
-    """The peft config that trains it."""
+    peft_config_name: str
+    """The name of the peft config class that trains it (peft is imported when it is needed,
+    not with the config: `sdlora --help` and the studio start seconds sooner)."""
     required: tuple[str, ...]
     """Roles every module of the algo has (further ones are alternatives or optional)."""
 
@@ -132,17 +132,17 @@ def _lora_rank(t: dict[str, torch.Tensor]) -> int:
     return t["down"].shape[0]
 
 
-LORA = ("networks.lora", FILE_TENSORS, PEFT_TENSORS, lora_delta, _lora_rank, "lora", LoraConfig)
+LORA = ("networks.lora", FILE_TENSORS, PEFT_TENSORS, lora_delta, _lora_rank, "lora", "LoraConfig")
 ALGOS = {
     "lora": Algo("lora", "LoRA", False, *LORA, ("down", "up")),
     "locon": Algo("locon", "LoCon", True, "lycoris.kohya", *LORA[1:], ("down", "up")),
     "loha": Algo(
         "loha", "LoHa", True, "lycoris.kohya", *_lycoris_table(LOHA_ROLES), loha_delta,
-        loha_rank, "loha", LoHaConfig, LOHA_ROLES[:4],
+        loha_rank, "loha", "LoHaConfig", LOHA_ROLES[:4],
     ),
     "lokr": Algo(
         "lokr", "LoKr", True, "lycoris.kohya", *_lycoris_table(LOKR_ROLES), lokr_delta,
-        lokr_rank, "lokr", LoKrConfig, (),
+        lokr_rank, "lokr", "LoKrConfig", (),
     ),
 }  # fmt: skip
 # DoRA goes with either: one more tensor per module, and its own weight (`dora_weight`).

@@ -12,6 +12,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import peft
 import torch
 from peft import LoraConfig
 from peft.tuners.loha import LoHaLayer
@@ -157,7 +158,7 @@ def _peft_config(algo: str, rank: int, alpha: float, targets: list[str], **optio
         return LoraConfig(
             r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True, **options
         )
-    return ALGOS[algo].peft_config(
+    return getattr(peft, ALGOS[algo].peft_config_name)(
         r=rank, alpha=alpha, target_modules=targets, init_weights=True, **options
     )
 

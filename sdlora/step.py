@@ -42,7 +42,6 @@ def diffusion_loss(
     huber_c: float = 0.1,
     debiased: bool = False,
     mask: torch.Tensor | None = None,  # (B, 1, H/8, W/8) in [0, 1]
-    target_unet=None,
 ) -> torch.Tensor:
     """Error between the UNet's prediction and its target (ε or v), averaged over the batch.
 
@@ -52,12 +51,9 @@ def diffusion_loss(
     With `debiased`, by 1 / √SNR (ε) or 1 / (SNR + 1) (v), SNR capped at 1000, as sd-scripts'
     debiased estimation. With `mask`, each element's error is multiplied by the mask (masked
     loss: 0 where the image does not count), then averaged as before, as sd-scripts does.
-
-    `target_unet(noisy, timesteps)`, when given, is the prediction to match instead of ε or v
-    (prior preservation against the base model's own prediction).
     """
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = loss_target(noise_scheduler, latents, noise, timesteps, noisy, target_unet)
+    target = loss_target(noise_scheduler, latents, noise, timesteps, noisy)
     pred = unet(noisy, timesteps, text, added_cond_kwargs=added_cond).sample
     return prediction_loss(pred, target, noise_scheduler, timesteps, min_snr_gamma, loss,
                            huber_c, debiased, mask)  # fmt: skip

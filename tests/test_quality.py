@@ -22,7 +22,13 @@ from sdlora.errors import SdloraError
 from sdlora.lora import extract_lora
 from sdlora.lorafile import read_lora
 from sdlora.masks import load_mask
-from sdlora.step import diffusion_loss, elementwise_loss, make_noise
+from sdlora.step import (
+    diffusion_loss,
+    elementwise_loss,
+    loss_target,
+    make_noise,
+    prediction_loss,
+)
 
 
 class FixedUnet:
@@ -273,7 +279,10 @@ def test_a_run_with_a_mask_trains_and_a_broken_mask_is_named(style_dir, tmp_path
 
 def test_target_unet_replaces_the_noise_as_target():
     noise, pred, target = (torch.randn(2, 4, 8, 8) for _ in range(3))
-    loss = _loss(pred, noise, torch.tensor([10, 500]), target_unet=lambda noisy, t: target)
+    timesteps, scheduler = torch.tensor([10, 500]), _scheduler()
+    chosen = loss_target(scheduler, torch.zeros_like(noise), noise, timesteps, noise,
+                         target_unet=lambda noisy, t: target)  # fmt: skip
+    loss = prediction_loss(pred, chosen, scheduler, timesteps)
     assert torch.allclose(loss, ((pred - target) ** 2).mean())
 
 

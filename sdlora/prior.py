@@ -21,12 +21,16 @@ text conditioning of the prior captions, computed once before training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDIMScheduler
 
 from sdlora.report import strip_trigger
 from sdlora.schedule import guidance_rescale
+
+if TYPE_CHECKING:
+    from sdlora.cache import TextCache
 
 
 @dataclass
@@ -35,9 +39,9 @@ class PriorSet:
 
     latents: torch.Tensor  # (N, 4, h, w), scaled like training latents
     captions: list[str]
-    base_text: dict[str, tuple] | None = None
-    """The base's text conditioning (hidden (77, width), pooled or None) per caption, for the
-    `base` target; None for the noise target."""
+    base_text: TextCache | None = None
+    """The base's text conditioning of the prior captions and the empty prompt, computed
+    before training with the adapters off, for the `base` target; None for the noise target."""
 
     def batch(
         self, size: int, generator: torch.Generator, unconditional: float = 0.0
@@ -50,13 +54,6 @@ class PriorSet:
             empty = (torch.rand(size, generator=generator) < unconditional).tolist()
             captions = ["" if e else c for c, e in zip(captions, empty, strict=True)]
         return self.latents[idx], captions
-
-    def base_conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The base's text conditioning of `captions` (prior captions): (B, 77, width) and
-        pooled (B, width_2) or None."""
-        rows = [self.base_text[c] for c in captions]
-        pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
-        return torch.stack([r[0] for r in rows]), pooled
 
 
 def generate_prior(

@@ -398,7 +398,7 @@ class Stepper:
         cond = added_cond(self.base, pooled, geometry, self.device)
         target_unet = None
         if self.prior.base_text is not None:
-            base_text, base_pooled = self.prior.base_conditioning(captions)
+            base_text, base_pooled = self.prior.base_text(captions)
             base_cond = added_cond(self.base, base_pooled, geometry, self.device)
 
             def target_unet(noisy, t):  # the base's prediction: every adapter off

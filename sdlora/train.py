@@ -439,13 +439,11 @@ def draw_prior(base: Base, config: Config, scan: Scan, device) -> PriorSet:
         cfg=config.sample.cfg,
         size=config.dataset.resolution,
     )
-    if config.train.prior_target == "base":  # the base's conditioning, adapters still off
-        unique = sorted({*prior.captions, ""})
-        with torch.no_grad():
-            hidden, pooled = encode_text(base, unique, device, clip_skip=config.train.clip_skip)
-        prior.base_text = {
-            c: (hidden[i], None if pooled is None else pooled[i]) for i, c in enumerate(unique)
-        }
+    if config.train.prior_target == "base":  # filled now, while the adapters are off
+        prior.base_text = TextCache(
+            lambda captions: encode_text(base, captions, device, clip_skip=config.train.clip_skip)
+        )
+        prior.base_text(sorted({*prior.captions, ""}))
     set_adapters(base, True)
     return prior
 

@@ -302,9 +302,8 @@ def _prior_stepper(prior_target: str):
     captions = ["a red circle", "a blue square"] * 2
     prior = PriorSet(torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)), captions)
     if prior_target == "base":
-        unique = sorted({*captions, ""})
-        hidden, _ = encode_text(base, unique, "cpu")
-        prior.base_text = {c: (hidden[i], None) for i, c in enumerate(unique)}
+        prior.base_text = TextCache(lambda c: encode_text(base, c, "cpu"))
+        prior.base_text(sorted({*captions, ""}))
     config = load_config(None, ["model.base=tiny:sd1", "dataset.path=x", "dataset.trigger=t",
                                 "train.prior_images=4",
                                 f"train.prior_target={prior_target}"]).train  # fmt: skip

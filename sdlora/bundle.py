@@ -321,7 +321,8 @@ def _settings(meta: dict[str, str]) -> list[str]:
 
 
 def _report(report: dict) -> list[str]:
-    keys = ("style_shift_with_trigger", "drift_without_trigger", "change_without_trigger")
+    keys = ("style_shift_with_trigger", "drift_without_trigger", "redrawn_without_trigger",
+            "change_without_trigger")  # fmt: skip
     lines = [f"- {k.replace('_', ' ')}: {report[k]}" for k in keys if k in report]
     return lines + [f"- ({report.get('statistic', '')}; {report.get('scale', '')})"]
 

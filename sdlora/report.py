@@ -10,14 +10,24 @@ set are compared with the same statistics of the training images:
   the set).
 - `drift_without_trigger`: how far the LoRA's samples *without* the trigger moved from the
   base's towards the training set, on the same line and scale: 0 = the style does not leak
-  into prompts without the trigger.
+  into prompts without the trigger. It is the interquartile mean of the per-image moves (the
+  mean of the middle half): most images without the trigger stay as the base drew them, and a
+  few tip into another picture (the base picks a background colour at random, and a small
+  change to the model can make it pick another one), each a jump of about ±1.3 of either
+  sign. The plain mean of 48 such images swings by ±0.1 from one set of seeds to the next;
+  the interquartile mean, by about ±0.01 (README: Measured on the demo). A style that leaks
+  moves most images, and so the interquartile mean; the plain mean is kept as
+  `drift_mean_without_trigger`.
+- `redrawn_without_trigger`: the share of images without the trigger that came out as another
+  picture (changed by more than half the base-to-style distance), in any direction.
 - `change_without_trigger`: how far they moved in any direction (distance divided by the
   base-to-style distance). It also counts changes that are not the style, such as a different
   background colour drawn for a prompt that names none, so it is noisier than the drift.
 
 Each image with the LoRA is paired with the base's image of the same prompt and seed, so a
-score is the mean of per-image moves; `*_se` is its standard error over the images (the
-report's own noise: what another set of prompts and seeds would change).
+score is a mean (the drift: an interquartile mean) of per-image moves; `*_se` is its standard
+error over the images (the report's own noise: what another set of prompts and seeds would
+change; the drift's by bootstrap).
 
 The statistics, both averaged over a set (the training images are read back through the VAE,
 so the base is measured against what it can draw at all):
@@ -58,7 +68,17 @@ LEVELS = 4
 GRID_ROWS = 4
 ORDER = ("base_with", "lora_with", "base_without", "lora_without")
 """The four sets, in style_scores' order."""
-HEADLINE = ("style_shift_with_trigger", "drift_without_trigger", "change_without_trigger")
+HEADLINE = (
+    "style_shift_with_trigger",
+    "drift_without_trigger",
+    "redrawn_without_trigger",
+    "change_without_trigger",
+)
+REDRAWN = 0.5
+"""An image without the trigger counts as re-drawn when it changed by more than this share of
+the base-to-style distance (in the demo the changes are either under 0.2 or over 1)."""
+BOOTSTRAP = 500
+"""Resamples for the drift's standard error."""
 
 
 def palette(image: Image.Image) -> np.ndarray:
@@ -98,28 +118,34 @@ def features(base, images: list[Image.Image]) -> dict[str, list[np.ndarray]]:
 
 
 def paired_scores(sets: dict[str, dict], style: dict[str, list[np.ndarray]]) -> dict[str, dict]:
-    """Per statistic: shift, drift and change (style_scores per part, averaged over parts),
-    with the standard errors of shift and drift over the paired images, and the parts'
-    own shift and drift. `sets`: the features of base_with, lora_with, base_without and
-    lora_without (the same prompts and seeds in the same order)."""
+    """Per statistic: shift (mean), drift (interquartile mean) and the plain mean drift,
+    change and the re-drawn share, with the standard errors of shift and drift over the
+    paired images, and the parts' own shift and drift. `sets`: the features of base_with,
+    lora_with, base_without and lora_without (the same prompts and seeds in the same order)."""
     out = {}
     for name, style_parts in style.items():
-        parts, shifts, drifts = [], [], []
+        parts, shifts, drifts, changes = [], [], [], []
         for k, target in enumerate(style_parts):
             each = {who: sets[who][name][k] for who in sets}  # (N, D) per set
             means = {who: f.mean(axis=0) for who, f in each.items()}
-            parts.append(style_scores(*(means[w] for w in ORDER), target.mean(axis=0)))
             axis = target.mean(axis=0) - means["base_with"]
             length2 = float(axis @ axis) or np.inf  # no axis: no move along it
+            moved = each["lora_without"] - each["base_without"]
             shifts.append((each["lora_with"] - each["base_with"]) @ axis / length2)  # (N,)
-            drifts.append((each["lora_without"] - each["base_without"]) @ axis / length2)
+            drifts.append(moved @ axis / length2)
+            changes.append(np.linalg.norm(moved, axis=1) / length2**0.5)
+            whole = style_scores(*(means[w] for w in ORDER), target.mean(axis=0))
+            parts.append({"shift": whole["shift"], "drift": interquartile_mean(drifts[-1]),
+                          "change": whole["change"]})  # fmt: skip
         shift, drift = np.mean(shifts, axis=0), np.mean(drifts, axis=0)  # per image
         out[name] = {
             "style_shift_with_trigger": round(float(shift.mean()), 4),
-            "drift_without_trigger": round(float(drift.mean()), 4),
+            "drift_without_trigger": round(interquartile_mean(drift), 4),
             "change_without_trigger": round(float(np.mean([p["change"] for p in parts])), 4),
             "style_shift_se": round(standard_error(shift), 4),
-            "drift_se": round(standard_error(drift), 4),
+            "drift_se": round(bootstrap_error(drift, interquartile_mean), 4),
+            "drift_mean_without_trigger": round(float(drift.mean()), 4),
+            "redrawn_without_trigger": round(float((np.mean(changes, axis=0) > REDRAWN).mean()), 4),
             "parts": [
                 {"shift": round(p["shift"], 4), "drift": round(p["drift"], 4)} for p in parts
             ],  # fmt: skip
@@ -127,8 +153,26 @@ def paired_scores(sets: dict[str, dict], style: dict[str, list[np.ndarray]]) -> 
     return out
 
 
+def interquartile_mean(values: np.ndarray) -> float:
+    """The mean of the middle half of `values` (a quarter cut from each end; all of them when
+    there are fewer than 4)."""
+    ordered = np.sort(np.asarray(values, dtype=np.float64))
+    cut = len(ordered) // 4
+    return float(ordered[cut : len(ordered) - cut].mean())
+
+
 def standard_error(values: np.ndarray) -> float:
     return float(values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else 0.0
+
+
+def bootstrap_error(values: np.ndarray, estimate, draws: int = BOOTSTRAP) -> float:
+    """The standard error of `estimate(values)` from `draws` resamples of `values` (a fixed
+    seed: the same values give the same error)."""
+    if len(values) < 2:
+        return 0.0
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(values), size=(draws, len(values)))
+    return float(np.std([estimate(values[p]) for p in picks], ddof=1))
 
 
 def strip_trigger(caption: str, trigger: str) -> str:
@@ -277,7 +321,8 @@ def summary(report: dict) -> str:
             f"  {name}: style shift with trigger {s['style_shift_with_trigger']:.2f}"
             f" ± {s['style_shift_se']:.2f}, drift without trigger"
             f" {s['drift_without_trigger']:.2f} ± {s['drift_se']:.2f}"
-            f" (any change: {s['change_without_trigger']:.2f})"
+            f" ({s['redrawn_without_trigger']:.0%} re-drawn, any change:"
+            f" {s['change_without_trigger']:.2f})"
         )
     return "\n".join(lines)
 

@@ -16,7 +16,7 @@ from sdlora import micro, shapes
 from sdlora.configfile import load_config
 from sdlora.errors import SdloraError
 from sdlora.models import load_base
-from sdlora.report import palette, strip_trigger, style_scores
+from sdlora.report import interquartile_mean, paired_scores, palette, strip_trigger, style_scores
 from sdlora.train import check_resolution
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,6 +123,44 @@ def test_style_scores_measure_along_the_base_to_style_line():
     assert scores["change"] == pytest.approx(1)
 
 
+def paired(base_without: np.ndarray, lora_without: np.ndarray) -> dict:
+    """paired_scores of one 2-D statistic whose style set sits at (0, 1) and whose base draws
+    everything at (0, 0) with the trigger (so the axis is (0, 1), of length 1)."""
+    n = len(base_without)
+    zeros = np.zeros((n, 2))
+    sets = {
+        "base_with": {"s": [zeros]},
+        "lora_with": {"s": [zeros]},
+        "base_without": {"s": [base_without]},
+        "lora_without": {"s": [lora_without]},
+    }
+    return paired_scores(sets, {"s": [np.tile([0.0, 1.0], (n, 1))]})["s"]
+
+
+def test_the_drift_is_the_typical_image_and_re_drawn_images_are_counted():
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(48, 2))
+    # 40 images kept, 8 re-drawn: jumps of 1.3 along the axis, six of them away from the style.
+    redrawn = base.copy()
+    redrawn[:8, 1] += np.array([-1.3] * 6 + [1.3] * 2)
+    scores = paired(base, redrawn)
+    assert scores["drift_mean_without_trigger"] == pytest.approx(-4 * 1.3 / 48, abs=1e-4)
+    assert scores["drift_without_trigger"] == 0  # the typical image did not move
+    assert scores["redrawn_without_trigger"] == pytest.approx(8 / 48, abs=1e-4)
+    # A style that leaks moves most images: the drift sees it (here 0.3 for 40 of 48).
+    leaked = base.copy()
+    leaked[8:, 1] += 0.3
+    scores = paired(base, leaked)
+    assert scores["drift_without_trigger"] == pytest.approx(0.3)
+    assert scores["redrawn_without_trigger"] == 0
+    assert scores["drift_se"] > 0
+
+
+def test_interquartile_mean_is_the_mean_of_the_middle_half():
+    assert interquartile_mean(np.array([-100.0, 0, 1, 2, 3, 4, 5, 100])) == 2.5
+    assert interquartile_mean(np.array([1.0, 5.0, 6.0])) == 4.0  # under 4 values: all of them
+
+
 def test_palette_is_a_normalised_histogram():
     hist = palette(shapes.draw(shapes.Scene("red", "circle", "left", "blue"), random.Random(0)))
     assert hist.shape == (64,)
@@ -156,6 +194,7 @@ def test_micro_run_writes_a_learning_report_in_range(tmp_path):
         assert -1 <= scores["style_shift_with_trigger"] <= 2
         assert -1 <= scores["drift_without_trigger"] <= 2
         assert 0 <= scores["change_without_trigger"] <= 3
+        assert scores["redrawn_without_trigger"] in (0, 0.25, 0.5, 0.75, 1)  # of 4 images
     gram = report["statistics"]["vae_encoder_gram"]
     assert gram["style_shift_with_trigger"] == report["style_shift_with_trigger"]
     assert len(gram["parts"]) == 3  # one per encoder block

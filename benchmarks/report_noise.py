@@ -56,11 +56,11 @@ def main() -> None:
     from sdlora.models import load_base
     from sdlora.prompts import LoraSpec
     from sdlora.report import (
+        base_only,
         features,
         paired_scores,
         render,
         report_prompts,
-        set_adapters,
         style_set,
     )
 
@@ -89,9 +89,8 @@ def main() -> None:
             m.eval()
         with torch.no_grad():
             if base_sets is None:
-                set_adapters(model, False)
-                base_sets = [draw(model, "base", b) for b in range(args.blocks)]
-                set_adapters(model, True)
+                with base_only(model):
+                    base_sets = [draw(model, "base", b) for b in range(args.blocks)]
             scores.append([paired_scores({**base_sets[b], **draw(model, "lora", b)}, style)
                            for b in range(args.blocks)])  # fmt: skip
 

@@ -48,6 +48,7 @@ Read them beside the sample grids, not instead of them.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ from PIL import Image
 
 from sdlora.gram import gram_features
 from sdlora.images import save_grid
-from sdlora.lora import lora_layers
+from sdlora.lora import adapters_off, lora_layers
 from sdlora.schedule import guidance_rescale
 
 GRAM = "vae_encoder_gram"
@@ -205,15 +206,13 @@ def render(base, prompts: list[str], seeds: list[int], steps: int, cfg: float, s
         ).images
 
 
-def set_adapters(base, enabled: bool) -> None:
-    """Switch the LoRA layers of every component on or off (the weights stay in place)."""
-    for module in (base.unet, *base.text_encoders.values()):
-        if not lora_layers(module):  # e.g. a frozen text encoder: nothing to switch
-            continue
-        if enabled:
-            module.enable_adapters()
-        else:
-            module.disable_adapters()
+@contextmanager
+def base_only(base):
+    """`base` without its LoRA inside the block: every component's adapter layers off (the
+    weights stay in place), on again after, also when the block fails."""
+    modules = (base.unet, *base.text_encoders.values())
+    with adapters_off([layer for m in modules for layer in lora_layers(m).values()]):
+        yield
 
 
 def decode_latents(base, latents: torch.Tensor) -> list[Image.Image]:
@@ -229,18 +228,17 @@ def render_sets(
     base, prompts: list[str], with_trigger: list[str], seeds: list[int], steps, cfg, size
 ) -> dict[str, list[Image.Image]]:
     """base_with, base_without, lora_with, lora_without: the prompts with and without the
-    trigger, the LoRA's adapters off and on (left on), one image per seed."""
+    trigger, the LoRA's adapters off and on, one image per seed."""
     modules = (base.unet, *base.text_encoders.values())
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
     sets = {}
-    for enabled in (False, True):
-        set_adapters(base, enabled)
-        who = "lora" if enabled else "base"
-        sets[f"{who}_with"] = render(base, with_trigger, seeds, steps, cfg, size)
-        sets[f"{who}_without"] = render(base, prompts, seeds, steps, cfg, size)
-    set_adapters(base, True)
+    with base_only(base):
+        sets["base_with"] = render(base, with_trigger, seeds, steps, cfg, size)
+        sets["base_without"] = render(base, prompts, seeds, steps, cfg, size)
+    sets["lora_with"] = render(base, with_trigger, seeds, steps, cfg, size)
+    sets["lora_without"] = render(base, prompts, seeds, steps, cfg, size)
     for m, training in zip(modules, was_training, strict=True):
         m.train(training)
     return sets
@@ -372,9 +370,8 @@ class StyleProbe:
         """Shift and drift of the LoRA as it is now (see probe_entry)."""
         if self.base_sets is None:
             self.style = features(base, self.style_images)
-            set_adapters(base, False)
-            self.base_sets = self._sets(base, "base")
-            set_adapters(base, True)
+            with base_only(base):
+                self.base_sets = self._sets(base, "base")
         sets = {**self.base_sets, **self._sets(base, "lora")}
         return probe_entry(paired_scores(sets, self.style))
 

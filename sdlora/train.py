@@ -61,7 +61,7 @@ from sdlora.models import Base, load_base
 from sdlora.preflight import summarise_problems
 from sdlora.prior import PriorSet, generate_prior
 from sdlora.record import RunRecord
-from sdlora.report import set_adapters, summary
+from sdlora.report import base_only, summary
 from sdlora.runtime import (
     Offload,
     PeakMemory,
@@ -428,23 +428,24 @@ def draw_prior(base: Base, config: Config, scan: Scan, device) -> PriorSet:
     """`train.prior_images` images drawn by the base itself (adapters off) for the training
     captions without the trigger, and the base's text conditioning of those captions for
     the `base` prior target."""
-    set_adapters(base, False)
-    prior = generate_prior(
-        base,
-        [e.caption for e in scan.examples],
-        config.dataset.trigger,
-        config.train.prior_images,
-        seed=config.train.seed,
-        steps=config.sample.steps,
-        cfg=config.sample.cfg,
-        size=config.dataset.resolution,
-    )
-    if config.train.prior_target == "base":  # filled now, while the adapters are off
-        prior.base_text = TextCache(
-            lambda captions: encode_text(base, captions, device, clip_skip=config.train.clip_skip)
+    with base_only(base):
+        prior = generate_prior(
+            base,
+            [e.caption for e in scan.examples],
+            config.dataset.trigger,
+            config.train.prior_images,
+            seed=config.train.seed,
+            steps=config.sample.steps,
+            cfg=config.sample.cfg,
+            size=config.dataset.resolution,
         )
-        prior.base_text(sorted({*prior.captions, ""}))
-    set_adapters(base, True)
+        if config.train.prior_target == "base":  # filled now, while the adapters are off
+            prior.base_text = TextCache(
+                lambda captions: encode_text(
+                    base, captions, device, clip_skip=config.train.clip_skip
+                )
+            )
+            prior.base_text(sorted({*prior.captions, ""}))
     return prior
 
 

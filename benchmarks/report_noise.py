@@ -3,7 +3,9 @@ LoRA's report is drawn on several disjoint sets of seeds (blocks of the report's
 first one being the seeds `sdlora train` uses), and every figure is printed per block:
 
 - the spread of one LoRA over the blocks is the report's noise (what other seeds change);
-- the spread of the LoRAs on the same block (paired seeds) is how much the LoRAs differ.
+- the spread of the LoRAs on the same block (paired seeds) is how much the LoRAs differ;
+- unpaired: each block's LoRA images against the base's images of other seeds, to show what
+  drawing both with the same seeds saves.
 
     python benchmarks/report_noise.py runs/demo                  # one run folder
     python benchmarks/report_noise.py a/x.safetensors b/x.safetensors --blocks 6
@@ -82,7 +84,7 @@ def main() -> None:
 
     started = time.time()
     base_sets = None
-    scores = []  # per LoRA, per block
+    scores, unpaired = [], []  # per LoRA, per block
     for lora, _ in pairs:
         model = Generator.load(load_base(config.model.base), [LoraSpec(lora, 1.0)]).base
         for m in (model.unet, *model.text_encoders.values()):
@@ -91,11 +93,18 @@ def main() -> None:
             if base_sets is None:
                 with base_only(model):
                     base_sets = [draw(model, "base", b) for b in range(args.blocks)]
-            scores.append([paired_scores({**base_sets[b], **draw(model, "lora", b)}, style)
-                           for b in range(args.blocks)])  # fmt: skip
+            drawn = [draw(model, "lora", b) for b in range(args.blocks)]
+        scores.append([paired_scores({**base_sets[b], **drawn[b]}, style)
+                       for b in range(args.blocks)])  # fmt: skip
+        # Unpaired: the base's images of the next block's seeds (same prompts, other seeds).
+        unpaired.append([paired_scores({**base_sets[(b + 1) % args.blocks], **drawn[b]}, style)
+                         for b in range(args.blocks)])  # fmt: skip
 
-    values = np.array([[[s[stat][key] for _, stat, key in FIGURES] for s in per_block]
-                       for per_block in scores])  # (loras, blocks, figures)  # fmt: skip
+    def table(per_lora: list) -> np.ndarray:  # (loras, blocks, figures)
+        return np.array([[[s[stat][key] for _, stat, key in FIGURES] for s in per_block]
+                         for per_block in per_lora])  # fmt: skip
+
+    values = table(scores)
     print(
         f"{len(pairs)} LoRA(s), {args.blocks} blocks of {images} report images per set, "
         f"{time.time() - started:.0f} s\n"
@@ -109,6 +118,12 @@ def main() -> None:
         "\n(first block = the report as `sdlora train` draws it; in brackets, the spread "
         "= largest - smallest over the blocks: the report's own noise)"
     )
+    alone = np.ptp(table(unpaired), axis=1)  # (loras, figures)
+    print("\n| the same, unpaired (spread over the blocks) | "
+          + " | ".join(f for f, _, _ in FIGURES) + " |")  # fmt: skip
+    print("|---" * (len(FIGURES) + 1) + "|")
+    for (lora, _), row in zip(pairs, alone, strict=True):
+        print(f"| {lora.parent.name}/{lora.name} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
     if len(pairs) > 1:
         between = np.ptp(values, axis=0)  # (blocks, figures): LoRA to LoRA on the same seeds
         print("\n| LoRA to LoRA, same seeds | " + " | ".join(f for f, _, _ in FIGURES) + " |")

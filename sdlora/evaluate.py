@@ -199,39 +199,49 @@ class Evaluation:
             c_train.seed,
         )
 
-    def begin(self, start: int) -> None:
-        """Step `start` (0, or where a run resumes): what is due and not done yet."""
+    def begin(self, start: int, weights=nullcontext) -> None:
+        """Step `start` (0, or where a run resumes): what is due and not done yet (`weights`:
+        as in after_step)."""
         if not self.active:
             return
         self.val_losses = dict(self.record.validation_log())
         self.checkpoints = read_checkpoints(self.run_dir / "checkpoints.json", start)
-        if not start and self.config.sample.prompts:
-            with self.offload.use():
-                self.samples.append(sample(self.base, self.config, self.run_dir, 0))
-        if start and self._is_checkpoint(start) and start not in self._judged():
-            self._judge_checkpoint(start)  # stopped by a signal before it was judged
-        elif start not in self.val_losses:
-            self.validate(start)
+        with weights():
+            if not start and self.config.sample.prompts:
+                with self.offload.use():
+                    self.samples.append(sample(self.base, self.config, self.run_dir, 0))
+            if start and self._is_checkpoint(start) and start not in self._judged():
+                self._judge_checkpoint(start)  # stopped by a signal before it was judged
+            elif start not in self.val_losses:
+                self.validate(start)
 
-    def after_step(self, step: int, steps: int) -> None:
+    def after_step(self, step: int, steps: int, weights=nullcontext) -> None:
         """What step `step` is due: samples, validation, a judged checkpoint. The last step
-        is only validated (the trackers close with the loop); `finish` does the rest."""
+        is only validated (the trackers close with the loop); `finish` does the rest.
+        `weights`: a context that puts the weights the run saves in place for the measuring
+        (the moving average when the run keeps one), restoring the trained ones after."""
         if not self.active:
             return
         self._to_trackers()
         c_train, every = self.config.train, self.config.sample.every
-        if step == steps:
-            self.validate(step)
-            self._to_trackers()
+        last = step == steps
+        checkpoint = not last and self._is_checkpoint(step)
+        draw = bool(self.config.sample.prompts and every and not step % every)
+        validate = bool(c_train.validate_every and not step % c_train.validate_every)
+        if not (last or checkpoint or draw or validate):
             return
-        if self._is_checkpoint(step):
-            self._judge_checkpoint(step)
-            return
-        if self.config.sample.prompts and every and not step % every:
-            with self.offload.use():
-                self.samples.append(sample(self.base, self.config, self.run_dir, step))
-        if c_train.validate_every and not step % c_train.validate_every:
-            self.validate(step)
+        with weights():
+            if last:
+                self.validate(step)
+                self._to_trackers()
+            elif checkpoint:
+                self._judge_checkpoint(step)
+            else:
+                if draw:
+                    with self.offload.use():
+                        self.samples.append(sample(self.base, self.config, self.run_dir, step))
+                if validate:
+                    self.validate(step)
 
     def finish(self, steps: int, losses: list[float]) -> list[str]:
         """The end (after the LoRA is saved): last samples, validation and judgement; the best

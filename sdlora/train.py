@@ -189,7 +189,9 @@ def train(
     order = batch_order(scan, c_train, skip=start * c_train.grad_accum * processes)
 
     losses = record.resume_log(start) if main else []
-    judge.begin(start)  # samples (no prompts: none) and validation at the start
+    # What the judge measures: the weights the run saves (the moving average when it keeps one).
+    saved_weights = ema.applied if ema is not None else nullcontext
+    judge.begin(start, saved_weights)  # samples (no prompts: none) and validation at the start
     peak, started = PeakMemory(device), time.time()
 
     # The loop: a step on every process; logs, checkpoints and samples on the main one.
@@ -215,7 +217,7 @@ def train(
             if stop.signum is not None:
                 accelerator.wait_for_everyone()
                 raise Interrupted.after(step, stop.signum, saved, run_dir)
-            judge.after_step(step, steps)  # samples, validation, checkpoints judged
+            judge.after_step(step, steps, saved_weights)  # samples, validation, checkpoints
     bar.close()
     wall, peak_mb = time.time() - started, peak.megabytes()  # the loop's, before the last samples
     agree = ranks_agree(flat_params, accelerator)

@@ -156,16 +156,22 @@ def _ema_config(style_dir, out, steps, *extra):
     return load_config(None, overrides)
 
 
+def _averages(raw: list[dict]) -> list[dict]:
+    """The moving average after each of the weights in `raw` (one per step, decay 0.5)."""
+    # diffusers' EMAModel: decay min(0.5, (1 + k) / (10 + k)) at its k-th update, 0 at the first
+    averages = [dict(raw[0])]
+    for k, weights in enumerate(raw[1:], start=1):
+        decay = min(0.5, (1 + k) / (10 + k))
+        averages.append({n: decay * averages[-1][n] + (1 - decay) * weights[n] for n in weights})
+    return averages
+
+
 def test_the_saved_lora_is_the_moving_average_of_the_weights(style_dir, tmp_path):
     out = tmp_path / "run"
     result = train(_ema_config(style_dir, out, 3, "train.save_every=1", "train.keep_last=3"),
                    progress=False)  # fmt: skip
     raw = [load_file(p / "lora.safetensors") for p in complete_checkpoints(out)]  # steps 1-3
-    # diffusers' EMAModel: decay min(0.5, (1 + k) / (10 + k)) at its k-th update, 0 at the first
-    expected = dict(raw[0])
-    for k, weights in enumerate(raw[1:], start=1):
-        decay = min(0.5, (1 + k) / (10 + k))
-        expected = {n: decay * expected[n] + (1 - decay) * weights[n] for n in expected}
+    expected = _averages(raw)[-1]
     trained = {f"unet.{n}": p for n, p in result.base.unet.named_parameters() if p.requires_grad}
     trained |= {f"text_encoder.{n}": p for n, p in result.base.text_encoder.named_parameters()
                 if p.requires_grad}  # fmt: skip
@@ -183,6 +189,35 @@ def test_the_saved_lora_is_the_moving_average_of_the_weights(style_dir, tmp_path
             stored = saved.components[component][path]
             assert torch.equal(stored.down.reshape(module.down.shape), module.down)
             assert torch.equal(stored.up.reshape(module.up.shape), module.up)
+
+
+def test_with_a_moving_average_every_measurement_is_of_the_average(
+    style_dir, tmp_path, monkeypatch
+):
+    """Validation (and with it the checkpoints' judgement) measures the weights the run saves,
+    the average, not the weights of the last step; the trained weights go on after."""
+    from sdlora.evaluate import Evaluation
+
+    measured, validate = {}, Evaluation.validate
+
+    def spy(self, step):
+        lora = {n: p.detach().clone() for n, p in self.base.unet.named_parameters()
+                if p.requires_grad}  # fmt: skip
+        measured[step] = lora
+        return validate(self, step)
+
+    monkeypatch.setattr(Evaluation, "validate", spy)
+    out = tmp_path / "run"
+    train(_ema_config(style_dir, out, 3, "train.save_every=1", "train.keep_last=3"),
+          progress=False)  # fmt: skip
+    raw = [load_file(p / "lora.safetensors") for p in complete_checkpoints(out)]  # steps 1-3
+    averages = _averages(raw)
+    assert sorted(measured) == [0, 1, 2, 3]
+    for step in (1, 2, 3):
+        for name, value in measured[step].items():
+            assert torch.allclose(value, averages[step - 1][f"unet.{name}"], atol=1e-6), name
+    differs = [not torch.equal(measured[2][n], raw[1][f"unet.{n}"]) for n in measured[2]]
+    assert any(differs)  # the average at step 2 is not step 2's weights
 
 
 def test_a_resumed_run_continues_the_moving_average_exactly(style_dir, tmp_path):

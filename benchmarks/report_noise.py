@@ -12,7 +12,7 @@ first one being the seeds `sdlora train` uses), and every figure is printed per 
 
 The report's settings (trigger, style set, resolution, sampling) are read from the first run's
 config.toml (`--config` for bare LoRA files). The drift is printed twice: as the report
-gives it (the interquartile mean of the per-image moves) and as the plain mean.
+gives it (the median of the per-image moves) and as the plain mean.
 """
 
 from __future__ import annotations

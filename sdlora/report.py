@@ -10,13 +10,14 @@ set are compared with the same statistics of the training images:
   the set).
 - `drift_without_trigger`: how far the LoRA's samples *without* the trigger moved from the
   base's towards the training set, on the same line and scale: 0 = the style does not leak
-  into prompts without the trigger. It is the interquartile mean of the per-image moves (the
-  mean of the middle half): most images without the trigger stay as the base drew them, and a
-  few tip into another picture (the base picks a background colour at random, and a small
-  change to the model can make it pick another one), each a jump of about ±1.3 of either
-  sign. The plain mean of 48 such images swings by ±0.1 from one set of seeds to the next;
-  the interquartile mean, by about ±0.01 (README: Measured on the demo). A style that leaks
-  moves most images, and so the interquartile mean; the plain mean is kept as
+  into prompts without the trigger. It is the median of the per-image moves: most images
+  without the trigger stay as the base drew them, and some tip into another picture (the base
+  picks a background colour at random, and a small change to the model can make it pick
+  another one), each a jump of about ±1.3 of either sign. The plain mean of 48 such images
+  swings by up to ±0.1 from one set of seeds to the next; the median is the typical image's
+  move, and it stays with the images that were kept as long as fewer than half were re-drawn
+  (README: Measured on the demo). A style that leaks into most images moves the median; one
+  that leaks into a few shows in the re-drawn share, and the plain mean is kept as
   `drift_mean_without_trigger`.
 - `redrawn_without_trigger`: the share of images without the trigger that came out as another
   picture (changed by more than half the base-to-style distance), in any direction.
@@ -25,7 +26,7 @@ set are compared with the same statistics of the training images:
   background colour drawn for a prompt that names none, so it is noisier than the drift.
 
 Each image with the LoRA is paired with the base's image of the same prompt and seed, so a
-score is a mean (the drift: an interquartile mean) of per-image moves; `*_se` is its standard
+score is a mean (the drift: the median) of per-image moves; `*_se` is its standard
 error over the images (the report's own noise: what another set of prompts and seeds would
 change; the drift's by bootstrap).
 
@@ -119,7 +120,7 @@ def features(base, images: list[Image.Image]) -> dict[str, list[np.ndarray]]:
 
 
 def paired_scores(sets: dict[str, dict], style: dict[str, list[np.ndarray]]) -> dict[str, dict]:
-    """Per statistic: shift (mean), drift (interquartile mean) and the plain mean drift,
+    """Per statistic: shift (mean), drift (median) and the plain mean drift,
     change and the re-drawn share, with the standard errors of shift and drift over the
     paired images, and the parts' own shift and drift. `sets`: the features of base_with,
     lora_with, base_without and lora_without (the same prompts and seeds in the same order)."""
@@ -136,15 +137,15 @@ def paired_scores(sets: dict[str, dict], style: dict[str, list[np.ndarray]]) -> 
             drifts.append(moved @ axis / length2)
             changes.append(np.linalg.norm(moved, axis=1) / length2**0.5)
             whole = style_scores(*(means[w] for w in ORDER), target.mean(axis=0))
-            parts.append({"shift": whole["shift"], "drift": interquartile_mean(drifts[-1]),
+            parts.append({"shift": whole["shift"], "drift": float(np.median(drifts[-1])),
                           "change": whole["change"]})  # fmt: skip
         shift, drift = np.mean(shifts, axis=0), np.mean(drifts, axis=0)  # per image
         out[name] = {
             "style_shift_with_trigger": round(float(shift.mean()), 4),
-            "drift_without_trigger": round(interquartile_mean(drift), 4),
+            "drift_without_trigger": round(float(np.median(drift)), 4),
             "change_without_trigger": round(float(np.mean([p["change"] for p in parts])), 4),
             "style_shift_se": round(standard_error(shift), 4),
-            "drift_se": round(bootstrap_error(drift, interquartile_mean), 4),
+            "drift_se": round(bootstrap_error(drift, np.median), 4),
             "drift_mean_without_trigger": round(float(drift.mean()), 4),
             "redrawn_without_trigger": round(float((np.mean(changes, axis=0) > REDRAWN).mean()), 4),
             "parts": [
@@ -152,14 +153,6 @@ def paired_scores(sets: dict[str, dict], style: dict[str, list[np.ndarray]]) -> 
             ],  # fmt: skip
         }
     return out
-
-
-def interquartile_mean(values: np.ndarray) -> float:
-    """The mean of the middle half of `values` (a quarter cut from each end; all of them when
-    there are fewer than 4)."""
-    ordered = np.sort(np.asarray(values, dtype=np.float64))
-    cut = len(ordered) // 4
-    return float(ordered[cut : len(ordered) - cut].mean())
 
 
 def standard_error(values: np.ndarray) -> float:

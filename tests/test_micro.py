@@ -16,7 +16,7 @@ from sdlora import micro, shapes
 from sdlora.configfile import load_config
 from sdlora.errors import SdloraError
 from sdlora.models import load_base
-from sdlora.report import interquartile_mean, paired_scores, palette, strip_trigger, style_scores
+from sdlora.report import paired_scores, palette, strip_trigger, style_scores
 from sdlora.train import check_resolution
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,18 +147,17 @@ def test_the_drift_is_the_typical_image_and_re_drawn_images_are_counted():
     assert scores["drift_mean_without_trigger"] == pytest.approx(-4 * 1.3 / 48, abs=1e-4)
     assert scores["drift_without_trigger"] == 0  # the typical image did not move
     assert scores["redrawn_without_trigger"] == pytest.approx(8 / 48, abs=1e-4)
+    # Even with 20 of 48 re-drawn, 14 of them away from the style: still the kept images' move.
+    many = base.copy()
+    many[:20, 1] += np.array([-1.3] * 14 + [1.3] * 6)
+    assert paired(base, many)["drift_without_trigger"] == 0
     # A style that leaks moves most images: the drift sees it (here 0.3 for 40 of 48).
     leaked = base.copy()
     leaked[8:, 1] += 0.3
     scores = paired(base, leaked)
     assert scores["drift_without_trigger"] == pytest.approx(0.3)
     assert scores["redrawn_without_trigger"] == 0
-    assert scores["drift_se"] > 0
-
-
-def test_interquartile_mean_is_the_mean_of_the_middle_half():
-    assert interquartile_mean(np.array([-100.0, 0, 1, 2, 3, 4, 5, 100])) == 2.5
-    assert interquartile_mean(np.array([1.0, 5.0, 6.0])) == 4.0  # under 4 values: all of them
+    assert scores["drift_se"] >= 0
 
 
 def test_palette_is_a_normalised_histogram():

@@ -68,8 +68,6 @@ STATISTIC = GRAM
 """The statistic of the headline numbers; every statistic's are under `statistics`."""
 LEVELS = 4
 GRID_ROWS = 4
-ORDER = ("base_with", "lora_with", "base_without", "lora_without")
-"""The four sets, in style_scores' order."""
 HEADLINE = (
     "style_shift_with_trigger",
     "drift_without_trigger",
@@ -129,16 +127,17 @@ def paired_scores(sets: dict[str, dict], style: dict[str, list[np.ndarray]]) -> 
         parts, shifts, drifts, changes = [], [], [], []
         for k, target in enumerate(style_parts):
             each = {who: sets[who][name][k] for who in sets}  # (N, D) per set
-            means = {who: f.mean(axis=0) for who, f in each.items()}
-            axis = target.mean(axis=0) - means["base_with"]
+            axis = target.mean(axis=0) - each["base_with"].mean(axis=0)
             length2 = float(axis @ axis) or np.inf  # no axis: no move along it
             moved = each["lora_without"] - each["base_without"]
             shifts.append((each["lora_with"] - each["base_with"]) @ axis / length2)  # (N,)
             drifts.append(moved @ axis / length2)
             changes.append(np.linalg.norm(moved, axis=1) / length2**0.5)
-            whole = style_scores(*(means[w] for w in ORDER), target.mean(axis=0))
-            parts.append({"shift": whole["shift"], "drift": float(np.median(drifts[-1])),
-                          "change": whole["change"]})  # fmt: skip
+            parts.append({  # the mean shift is the mean sets' shift (style_scores)
+                "shift": float(shifts[-1].mean()),
+                "drift": float(np.median(drifts[-1])),
+                "change": float(np.linalg.norm(moved.mean(axis=0))) / length2**0.5,
+            })  # fmt: skip
         shift, drift = np.mean(shifts, axis=0), np.mean(drifts, axis=0)  # per image
         out[name] = {
             "style_shift_with_trigger": round(float(shift.mean()), 4),

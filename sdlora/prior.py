@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers import DDIMScheduler
 
-from sdlora.report import strip_trigger
+from sdlora.cache import TextCache
+from sdlora.report import base_only, strip_trigger
 from sdlora.schedule import guidance_rescale
 
 if TYPE_CHECKING:
-    from sdlora.cache import TextCache
+    from sdlora.config import Config
 
 
 @dataclass
@@ -94,3 +95,25 @@ def generate_prior(
             )
             latents.append(out.images.cpu())
     return PriorSet(torch.cat(latents), prompts)
+
+
+def draw_prior(base, config: Config, examples: list, encode) -> PriorSet:
+    """`train.prior_images` images drawn by the base itself (adapters off) for the captions of
+    the training `examples` without the trigger, and, for the `base` prior target, the base's
+    text conditioning of those captions and the empty prompt (`encode`: captions to
+    conditioning, as the run encodes them)."""
+    with base_only(base):
+        prior = generate_prior(
+            base,
+            [e.caption for e in examples],
+            config.dataset.trigger,
+            config.train.prior_images,
+            seed=config.train.seed,
+            steps=config.sample.steps,
+            cfg=config.sample.cfg,
+            size=config.dataset.resolution,
+        )
+        if config.train.prior_target == "base":  # filled now, while the adapters are off
+            prior.base_text = TextCache(encode)
+            prior.base_text(sorted({*prior.captions, ""}))
+    return prior

@@ -12,6 +12,7 @@ import dataclasses
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,9 +60,9 @@ from sdlora.lora import (
 from sdlora.lorafile import read_lora
 from sdlora.models import Base, load_base
 from sdlora.preflight import summarise_problems
-from sdlora.prior import PriorSet, generate_prior
+from sdlora.prior import PriorSet, draw_prior
 from sdlora.record import RunRecord
-from sdlora.report import base_only, summary
+from sdlora.report import summary
 from sdlora.runtime import (
     Offload,
     PeakMemory,
@@ -157,7 +158,10 @@ def train(
     )
 
     # Prior preservation: the base's own images for the captions without the trigger.
-    prior = draw_prior(base, config, scan, device) if c_train.prior_images else None
+    prior = None
+    if c_train.prior_images:  # the base's text conditioning: its own encoders, adapters off
+        encode = partial(encode_text, base, device=device, clip_skip=c_train.clip_skip)
+        prior = draw_prior(base, config, scan.examples, encode)
     if prior is not None:
         say(f"  prior preservation: {len(prior.captions)} images drawn by the base")
 
@@ -424,31 +428,6 @@ def start_from_lora(base: Base, path: Path) -> None:
                 if module.dora:
                     magnitude = layer.lora_magnitude_vector[ADAPTER].weight
                     magnitude.copy_(module.extra["dora_scale"].reshape(magnitude.shape))
-
-
-def draw_prior(base: Base, config: Config, scan: Scan, device) -> PriorSet:
-    """`train.prior_images` images drawn by the base itself (adapters off) for the training
-    captions without the trigger, and the base's text conditioning of those captions for
-    the `base` prior target."""
-    with base_only(base):
-        prior = generate_prior(
-            base,
-            [e.caption for e in scan.examples],
-            config.dataset.trigger,
-            config.train.prior_images,
-            seed=config.train.seed,
-            steps=config.sample.steps,
-            cfg=config.sample.cfg,
-            size=config.dataset.resolution,
-        )
-        if config.train.prior_target == "base":  # filled now, while the adapters are off
-            prior.base_text = TextCache(
-                lambda captions: encode_text(
-                    base, captions, device, clip_skip=config.train.clip_skip
-                )
-            )
-            prior.base_text(sorted({*prior.captions, ""}))
-    return prior
 
 
 def cached_out(

@@ -89,9 +89,8 @@ def main() -> None:
             if file == f"{name}.safetensors" and scale == 1.0:
                 trained[name] = feats["lora_with"]
             for axis in SETS:  # the prompts of the set the LoRA learnt, scored on each axis
-                rows.append(
-                    (f"{name} LoRA, {label}", axis, paired_scores(feats, style_features[axis]))
-                )
+                scores = paired_scores(feats, style_features[axis], prompts)
+                rows.append((f"{name} LoRA, {label}", axis, scores))
     print(f"| LoRA | axis | Gram shift | Gram drift | palette shift | palette drift |"
           f"  ({args.images} images per set, ± standard error)")  # fmt: skip
     print("|---|---|---|---|---|---|")

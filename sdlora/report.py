@@ -26,9 +26,12 @@ set are compared with the same statistics of the training images:
   background colour drawn for a prompt that names none, so it is noisier than the drift.
 
 Each image with the LoRA is paired with the base's image of the same prompt and seed, so a
-score is a mean (the drift: the median) of per-image moves; `*_se` is its standard
-error over the images (the report's own noise: what another set of prompts and seeds would
-change; the drift's by bootstrap).
+score is a mean (the drift: the median) of per-image moves; `*_se` is its standard error (the
+report's own noise: what another set of seeds would change; the drift's by bootstrap). The
+prompts are fixed, so it counts how each prompt's images vary from seed to seed, not how the
+prompts differ from each other: on the demo some prompts barely move and the others move by
+more than 1, and the error taken over all images as one sample was five times the scatter of
+other seeds (README: The learning report).
 
 The statistics, both averaged over a set (the training images are read back through the VAE,
 so the base is measured against what it can draw at all):
@@ -117,11 +120,14 @@ def features(base, images: list[Image.Image]) -> dict[str, list[np.ndarray]]:
     }
 
 
-def paired_scores(sets: dict[str, dict], style: dict[str, list[np.ndarray]]) -> dict[str, dict]:
+def paired_scores(
+    sets: dict[str, dict], style: dict[str, list[np.ndarray]], prompts: list[str] | None = None
+) -> dict[str, dict]:
     """Per statistic: shift (mean), drift (median) and the plain mean drift,
     change and the re-drawn share, with the standard errors of shift and drift over the
     paired images, and the parts' own shift and drift. `sets`: the features of base_with,
-    lora_with, base_without and lora_without (the same prompts and seeds in the same order)."""
+    lora_with, base_without and lora_without (the same prompts and seeds in the same order);
+    `prompts`: each image's prompt, for errors within prompts (unset: every image its own)."""
     out = {}
     for name, style_parts in style.items():
         parts, shifts, drifts, changes = [], [], [], []
@@ -143,8 +149,8 @@ def paired_scores(sets: dict[str, dict], style: dict[str, list[np.ndarray]]) -> 
             "style_shift_with_trigger": round(float(shift.mean()), 4),
             "drift_without_trigger": round(float(np.median(drift)), 4),
             "change_without_trigger": round(float(np.mean([p["change"] for p in parts])), 4),
-            "style_shift_se": round(standard_error(shift), 4),
-            "drift_se": round(bootstrap_error(drift, np.median), 4),
+            "style_shift_se": round(standard_error(shift, prompts), 4),
+            "drift_se": round(bootstrap_error(drift, np.median, prompts), 4),
             "drift_mean_without_trigger": round(float(drift.mean()), 4),
             "redrawn_without_trigger": round(float((np.mean(changes, axis=0) > REDRAWN).mean()), 4),
             "parts": [
@@ -154,17 +160,41 @@ def paired_scores(sets: dict[str, dict], style: dict[str, list[np.ndarray]]) -> 
     return out
 
 
-def standard_error(values: np.ndarray) -> float:
-    return float(values.std(ddof=1) / len(values) ** 0.5) if len(values) > 1 else 0.0
+def strata(labels: list[str] | None, n: int) -> list[np.ndarray]:
+    """The indices of each label's values (no labels: one stratum of all n)."""
+    if labels is None:
+        return [np.arange(n)]
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} values")
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(label, []).append(i)
+    return [np.array(g) for g in groups.values()]
 
 
-def bootstrap_error(values: np.ndarray, estimate, draws: int = BOOTSTRAP) -> float:
-    """The standard error of `estimate(values)` from `draws` resamples of `values` (a fixed
-    seed: the same values give the same error)."""
-    if len(values) < 2:
+def standard_error(values: np.ndarray, labels: list[str] | None = None) -> float:
+    """The standard error of the mean of `values` when each label's values are drawn anew and
+    the labels stay (the report's prompts): the spread within labels, pooled. Without labels,
+    the plain one. 0 when no label has two values."""
+    groups = strata(labels, len(values))
+    free = len(values) - len(groups)
+    if free < 1:
+        return 0.0
+    within = sum(float(((values[g] - values[g].mean()) ** 2).sum()) for g in groups) / free
+    return (within / len(values)) ** 0.5
+
+
+def bootstrap_error(
+    values: np.ndarray, estimate, labels: list[str] | None = None, draws: int = BOOTSTRAP
+) -> float:
+    """The standard error of `estimate(values)` from `draws` resamples of `values`, each
+    label's values resampled among themselves (a fixed seed: the same values give the same
+    error). 0 when no label has two values."""
+    groups = strata(labels, len(values))
+    if len(values) - len(groups) < 1:
         return 0.0
     rng = np.random.default_rng(0)
-    picks = rng.integers(0, len(values), size=(draws, len(values)))
+    picks = np.concatenate([rng.choice(g, size=(draws, len(g))) for g in groups], axis=1)
     return float(np.std([estimate(values[p]) for p in picks], ddof=1))
 
 
@@ -265,7 +295,9 @@ def learning_report(
     seeds = [seed + i for i in range(images)]
     sets = render_sets(base, prompts, with_trigger, seeds, steps, cfg, size)
     scores = paired_scores(
-        {name: features(base, imgs) for name, imgs in sets.items()}, features(base, style_images)
+        {name: features(base, imgs) for name, imgs in sets.items()},
+        features(base, style_images),
+        prompts,
     )
     report = {
         "statistic": STATISTIC,

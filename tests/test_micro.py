@@ -16,7 +16,14 @@ from sdlora import micro, shapes
 from sdlora.configfile import load_config
 from sdlora.errors import SdloraError
 from sdlora.models import load_base
-from sdlora.report import paired_scores, palette, strip_trigger, style_scores
+from sdlora.report import (
+    bootstrap_error,
+    paired_scores,
+    palette,
+    standard_error,
+    strip_trigger,
+    style_scores,
+)
 from sdlora.train import check_resolution
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,6 +165,20 @@ def test_the_drift_is_the_typical_image_and_re_drawn_images_are_counted():
     assert scores["drift_without_trigger"] == pytest.approx(0.3)
     assert scores["redrawn_without_trigger"] == 0
     assert scores["drift_se"] >= 0
+
+
+def test_the_errors_count_how_each_prompts_images_vary_not_how_prompts_differ():
+    rng = np.random.default_rng(0)
+    prompts = ["a blue circle", "a white square"] * 24
+    # Per prompt, shifts near 0 (the first prompt) and near 1.2: a spread within prompts of 0.1.
+    shift = np.where(np.array(prompts) == "a blue circle", 0.0, 1.2) + rng.normal(0, 0.1, 48)
+    assert standard_error(shift) > 0.08  # over all images: mostly the two prompts' gap
+    assert standard_error(shift, prompts) == pytest.approx(0.1 / 48**0.5, rel=0.25)
+    assert bootstrap_error(shift, np.mean, prompts) == pytest.approx(0.1 / 48**0.5, rel=0.3)
+    assert standard_error(shift, ["one"] * 48) == pytest.approx(standard_error(shift))
+    assert standard_error(shift[:2], prompts[:2]) == 0  # no prompt drawn twice: no error known
+    with pytest.raises(ValueError, match="3 labels for 48 values"):
+        standard_error(shift, prompts[:3])
 
 
 def test_palette_is_a_normalised_histogram():

@@ -3,7 +3,9 @@ with sd-scripts' training metadata, and run.json. Only the main process writes."
 
 from __future__ import annotations
 
+import glob
 import json
+import shutil
 import time
 import warnings
 from contextlib import contextmanager
@@ -12,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sdlora import export
-from sdlora.checkpoint import save_checkpoint
+from sdlora.checkpoint import complete_checkpoints, save_checkpoint
 from sdlora.config import Config
 from sdlora.configfile import config_to_toml
 from sdlora.dataset import Scan
@@ -203,6 +205,62 @@ class RunRecord:
             f"{lora_path} is saved, but the end-of-run samples or report failed: {what} "
             f"(see {self.run_dir / 'run.json'})"
         ) from None
+
+
+RUN_FILES = (
+    "log.jsonl",
+    "run.json",
+    "checkpoints.json",
+    "progress.png",
+    "checkpoints.png",
+    "loss.png",
+    "learning_report.json",
+    "ab_grid.png",
+)
+"""The run folder's own files; some are written only with some settings, so a fresh run that
+leaves one out would otherwise leave an earlier run's copy beside its own files."""
+
+
+def earlier_run(run_dir: Path, name: str) -> tuple[list[Path], list[Path]]:
+    """What an earlier run of `name` left in `run_dir`: (its step LoRAs and complete
+    checkpoints, the newest checkpoint last; the rest: best copy, sample grids, TensorBoard events, the run's files).
+    Only names sdlora writes are matched; the LoRA itself is replaced when the new one is
+    saved. Other files in the folder are never listed."""
+    kept = [*sorted(run_dir.glob(f"{glob.escape(name)}-step[0-9]*.safetensors")),
+            *complete_checkpoints(run_dir)]  # fmt: skip
+    rest = [
+        run_dir / f"{name}-best.safetensors",
+        *(run_dir / f for f in RUN_FILES),
+        *(run_dir / "samples").glob("step_[0-9]*.png"),
+        *(run_dir / "logs").rglob("events.out.tfevents.*"),
+    ]
+    return kept, sorted(p for p in rest if p.is_file())
+
+
+def clear_earlier_run(run_dir: Path, name: str, overwrite: bool, remove: bool) -> list[str]:
+    """Before a fresh (not resumed) run: refuse a folder holding an earlier run's checkpoints
+    or step LoRAs unless `overwrite` (they may be the run to resume), then, when `remove` (the
+    main process), delete what the earlier run left (earlier_run) so that no sample, step
+    file or checkpoint of it is mistaken for the new run's (`train.resume=latest` would pick
+    a checkpoint of the earlier run). Returns the lines that say what went."""
+    kept, rest = earlier_run(run_dir, name)
+    if kept and not overwrite:
+        raise SdloraError(
+            f"{run_dir} holds an earlier run's checkpoints or step LoRAs (newest: "
+            f"{kept[-1].relative_to(run_dir)}); resume it with train.resume=latest, choose another "
+            "output.dir, or set output.overwrite=true to start afresh (they are removed)"
+        )
+    if not remove or not (kept or rest):
+        return []
+    for path in kept + rest:
+        if path.is_dir():  # a checkpoint
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return [
+        f"sdlora: removed {len(kept + rest)} file(s) of an earlier run from {run_dir} (step "
+        "LoRAs, checkpoints, sample grids, logs): this run writes its own"
+    ]
 
 
 def scan_summary(scan: Scan) -> dict:

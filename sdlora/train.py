@@ -61,7 +61,7 @@ from sdlora.lorafile import read_lora
 from sdlora.models import Base, load_base
 from sdlora.preflight import summarise_problems
 from sdlora.prior import PriorSet, draw_prior
-from sdlora.record import RunRecord
+from sdlora.record import RunRecord, clear_earlier_run
 from sdlora.report import summary
 from sdlora.runtime import (
     Offload,
@@ -122,6 +122,9 @@ def train(
     say = print if main else _quiet
     for stale in remove_incomplete(run_dir) if main else ():
         say(f"sdlora: removed {stale}: a checkpoint left half-written by a killed run")
+    if not c_train.resume:  # a fresh run: nothing of an earlier one left to mix with its own
+        for line in clear_earlier_run(run_dir, c_out.name, c_out.overwrite, remove=main):
+            say(line)
 
     # Data first: every file decoded, a bad folder fails before any model loads.
     scan = scan_dataset(c_data)

@@ -7,6 +7,7 @@ from conftest import tiny_overrides
 from PIL import Image
 
 from sdlora import load_config, train
+from sdlora.errors import SdloraError
 from sdlora.progress import VAL, best_line, best_step, checkpoint_grid, save_progress_plot
 from sdlora.report import SCORE_KEYS
 
@@ -152,3 +153,35 @@ def test_a_run_without_checkpoints_has_nothing_to_choose(style_dir, tmp_path):
     assert [e["step"] for e in json.loads((out / "checkpoints.json").read_text())] == [1]
     assert not (out / "style-best.safetensors").exists() and not (out / "checkpoints.png").exists()
     assert (out / "progress.png").is_file()
+
+
+def test_a_fresh_run_leaves_nothing_of_an_earlier_one_and_keeps_what_is_not_its(
+    style_dir, tmp_path
+):
+    out = tmp_path / "run"
+    earlier = [  # a 400-step run of the same name: what a 1-step run would not write again
+        out / "style-step000400.safetensors",
+        out / "checkpoints" / "step_000400" / "COMPLETE",
+        out / "samples" / "step_000400.png",
+        out / "logs" / "logs" / "events.out.tfevents.1.host",
+        out / "learning_report.json",
+    ]
+    theirs = [out / "notes.txt", out / "samples" / "mine.png", out / "other-step000001.safetensors"]
+    for path in earlier + theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"earlier")
+    overrides = tiny_overrides(style_dir, out, 1) + ["sample.report_images=0"]
+    # Without overwrite the earlier run may be the one to resume: refused, nothing touched.
+    with pytest.raises(
+        SdloraError, match=r"checkpoints/step_000400\); resume it with train.resume=latest"
+    ):
+        train(load_config(None, overrides), progress=False)
+    assert all(p.exists() for p in earlier + theirs)
+    train(load_config(None, [*overrides, "output.overwrite=true"]), progress=False)
+    assert not any(p.exists() for p in earlier)
+    assert not (out / "checkpoints" / "step_000400").exists()
+    assert all(p.read_bytes() == b"earlier" for p in theirs)
+    assert (out / "style.safetensors").is_file()
+    assert sorted(p.name for p in (out / "samples").glob("step_*.png")) == [
+        f"step_{s:06d}.png" for s in (0, 1)
+    ]

@@ -223,9 +223,9 @@ leaves one out would otherwise leave an earlier run's copy beside its own files.
 
 def earlier_run(run_dir: Path, name: str) -> tuple[list[Path], list[Path]]:
     """What an earlier run of `name` left in `run_dir`: (its step LoRAs and complete
-    checkpoints, the newest checkpoint last; the rest: best copy, sample grids, TensorBoard events, the run's files).
-    Only names sdlora writes are matched; the LoRA itself is replaced when the new one is
-    saved. Other files in the folder are never listed."""
+    checkpoints, the newest checkpoint last; the rest: best copy, sample grids, TensorBoard
+    events, the run's files). Only names sdlora writes are matched; the LoRA itself is
+    replaced when the new one is saved. Other files in the folder are never listed."""
     kept = [*sorted(run_dir.glob(f"{glob.escape(name)}-step[0-9]*.safetensors")),
             *complete_checkpoints(run_dir)]  # fmt: skip
     rest = [
@@ -257,10 +257,7 @@ def clear_earlier_run(run_dir: Path, name: str, overwrite: bool, remove: bool) -
             shutil.rmtree(path)
         else:
             path.unlink()
-    return [
-        f"sdlora: removed {len(kept + rest)} file(s) of an earlier run from {run_dir} (step "
-        "LoRAs, checkpoints, sample grids, logs): this run writes its own"
-    ]
+    return [f"sdlora: removed {len(kept + rest)} file(s) an earlier run left in {run_dir}"]
 
 
 def scan_summary(scan: Scan) -> dict:

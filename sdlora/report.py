@@ -30,8 +30,8 @@ score is a mean (the drift: the median) of per-image moves; `*_se` is its standa
 report's own noise: what another set of seeds would change; the drift's by bootstrap). The
 prompts are fixed, so it counts how each prompt's images vary from seed to seed, not how the
 prompts differ from each other: on the demo some prompts barely move and the others move by
-more than 1, and the error taken over all images as one sample was five times the scatter of
-other seeds (README: The learning report).
+more than 1, and the error taken over all images as one sample was three to six times the
+scatter of other seeds (README: The learning report).
 
 The statistics, both averaged over a set (the training images are read back through the VAE,
 so the base is measured against what it can draw at all):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from sdlora import export
-from sdlora.checkpoint import complete_checkpoints, save_checkpoint
+from sdlora.checkpoint import complete_checkpoints, remove_incomplete, save_checkpoint
 from sdlora.config import Config
 from sdlora.configfile import config_to_toml
 from sdlora.dataset import Scan
@@ -258,6 +258,15 @@ def clear_earlier_run(run_dir: Path, name: str, overwrite: bool, remove: bool) -
         else:
             path.unlink()
     return [f"sdlora: removed {len(kept + rest)} file(s) an earlier run left in {run_dir}"]
+
+
+def tidy_run_dir(run_dir: Path, name: str, overwrite: bool, resumed: bool, main: bool) -> list[str]:
+    """Before training starts in `run_dir`: checkpoints a killed run left half-written go
+    (the main process removes them), and a fresh run clears what an earlier one left
+    (clear_earlier_run). Returns the lines that say what went."""
+    lines = [f"sdlora: removed {stale}: a checkpoint left half-written by a killed run"
+             for stale in (remove_incomplete(run_dir) if main else ())]  # fmt: skip
+    return lines if resumed else lines + clear_earlier_run(run_dir, name, overwrite, main)
 
 
 def scan_summary(scan: Scan) -> dict:

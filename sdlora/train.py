@@ -30,7 +30,6 @@ from sdlora.checkpoint import (
     StopOnSignal,
     check_finite,
     find_checkpoint,
-    remove_incomplete,
     restore_checkpoint,
     training_state,
 )
@@ -61,7 +60,7 @@ from sdlora.lorafile import read_lora
 from sdlora.models import Base, load_base
 from sdlora.preflight import summarise_problems
 from sdlora.prior import PriorSet, draw_prior
-from sdlora.record import RunRecord, clear_earlier_run
+from sdlora.record import RunRecord, tidy_run_dir
 from sdlora.report import summary
 from sdlora.runtime import (
     Offload,
@@ -120,11 +119,8 @@ def train(
     device, main = accelerator.device, accelerator.is_main_process
     processes = accelerator.num_processes
     say = print if main else _quiet
-    for stale in remove_incomplete(run_dir) if main else ():
-        say(f"sdlora: removed {stale}: a checkpoint left half-written by a killed run")
-    if not c_train.resume:  # a fresh run: nothing of an earlier one left to mix with its own
-        for line in clear_earlier_run(run_dir, c_out.name, c_out.overwrite, remove=main):
-            say(line)
+    for line in tidy_run_dir(run_dir, c_out.name, c_out.overwrite, bool(c_train.resume), main):
+        say(line)
 
     # Data first: every file decoded, a bad folder fails before any model loads.
     scan = scan_dataset(c_data)
